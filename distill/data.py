@@ -1,0 +1,509 @@
+"""Dataset loading, cleaning, tokenization and batching for seq2seq distillation.
+
+Every source (a Hub name, a `save_to_disk` folder, one json/jsonl/csv/tsv/parquet file or a
+folder of them) ends as the same DatasetDict: "train", "validation" (the source's own, else split
+off train) and "test" when the source has one, each with exactly two string columns "source" and
+"target". Bad data either gets cleaned with a logged count or stops the run with a one-line
+UserError naming the file and line, because a traceback from deep inside a data library names
+neither and a silently shrunk dataset hides a broken export.
+
+jsonl/csv/tsv are read here with the json/csv modules and strict UTF-8 instead of the `datasets`
+json/csv builders: those builders report malformed lines without a line number and can guess
+column types from the first rows. Parquet, `save_to_disk` and the Hub go through datasets/pyarrow.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict, Value, concatenate_datasets
+
+from distill.errors import UserError
+
+FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+# Names a split goes by in the wild, mapped to the three this toolkit uses.
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
+                 "valid": "validation", "val": "validation", "dev": "validation",
+                 "test": "test", "testing": "test"}
+HUB_PROBE_TIMEOUT_S = 10.0
+_CHUNK_ROWS = 10_000
+_FLAGS = {"source": "--dataset-input-column", "target": "--dataset-target-column"}
+
+
+def load_raw_splits(dataset: str | None, dataset_local_path: str | None, input_column: str,
+                    target_column: str, *, validation_ratio: float = 0.05, seed: int = 42,
+                    trust_remote_code: bool = False, log=print) -> DatasetDict:
+    """Load a dataset as DatasetDict(train, validation[, test]) with string columns source/target.
+
+    `dataset_local_path` wins over `dataset` (a Hub name, "NAME:CONFIG" picks a config). Rows with
+    an empty or missing source/target are dropped and counted in the log; numbers become text.
+    """
+    if not 0.0 < validation_ratio < 1.0:
+        raise UserError(f"validation ratio {validation_ratio} is outside (0, 1); pass e.g. 0.05")
+    columns = {"source": input_column, "target": target_column}
+    if _is_set(dataset_local_path):
+        raw = _load_local(os.path.expanduser(str(dataset_local_path)), columns, log)
+    elif _is_set(dataset):
+        raw = _load_hub(str(dataset).strip(), columns, trust_remote_code, log)
+    else:
+        raise UserError("no dataset given; pass --dataset NAME[:CONFIG] (a Hugging Face Hub dataset) "
+                        "or --dataset-local-path PATH (a file, a folder of files or a save_to_disk folder)")
+    splits = {}
+    for split, (ds, where) in raw.items():
+        splits[split] = _drop_empty(ds, split, where, log)
+    if "validation" not in splits:
+        splits.update(_split_off_validation(splits["train"], validation_ratio, seed, log))
+    return DatasetDict({name: splits[name] for name in ("train", "validation", "test") if name in splits})
+
+
+def _is_set(value) -> bool:
+    return value is not None and str(value).strip() not in ("", "None")
+
+
+# ----------------------------------------------------------------------------- local sources
+
+def _load_local(path: str, columns: dict, log) -> dict:
+    """-> {split: (Dataset with source/target, description for messages)}."""
+    if not os.path.exists(path):
+        raise UserError(f"dataset path {path} does not exist; pass --dataset-local-path an existing "
+                        "file or folder (json/jsonl/csv/tsv/parquet or a save_to_disk folder)")
+    if os.path.isdir(path):
+        if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+            return _load_saved(path, columns, log)
+        files = _data_files(path)
+        if not files:
+            raise UserError(f"folder {path} holds no {'/'.join(t[1:] for t in FILE_TYPES)} files and is "
+                            "not a save_to_disk folder; point --dataset-local-path at your data")
+    else:
+        files = [path]
+    by_split: dict[str, list] = {}
+    for file in files:  # a single file is the train data whatever its name
+        by_split.setdefault(_split_of(file, path) if len(files) > 1 else "train", []).append(file)
+    if "train" not in by_split:
+        raise UserError(f"{path} has no train data (found splits: {', '.join(sorted(by_split))}); name a "
+                        "file train.<ext>, or any name other than validation/val/valid/dev/test")
+    log(f"data: {path}: " + ", ".join(f"{s} <- {', '.join(os.path.basename(f) for f in fs)}"
+                                      for s, fs in sorted(by_split.items())))
+    return {split: (concatenate_datasets([_read_file(f, columns, log) for f in fs]),
+                    fs[0] if len(fs) == 1 else path)
+            for split, fs in by_split.items()}
+
+
+def _data_files(folder: str) -> list[str]:
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip .cache, .git and the like
+        found += [os.path.join(root, n) for n in sorted(names)
+                  if not n.startswith(".") and n.lower().endswith(FILE_TYPES)]
+    return found
+
+
+def _split_of(file: str, root: str) -> str:
+    """Split from the file name (train.jsonl, dev.csv, test-00000-of-00001.parquet), else its folder."""
+    parts = os.path.relpath(file, root).replace("\\", "/").split("/")
+    parts[-1] = parts[-1].split(".")[0]
+    for part in reversed(parts):
+        token = part.lower().replace("-", "_").split("_")[0]
+        if token in SPLIT_ALIASES:
+            return SPLIT_ALIASES[token]
+    return "train"
+
+
+def _read_file(path: str, columns: dict, log) -> Dataset:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FILE_TYPES:
+        raise UserError(f"unsupported data file type '{ext or os.path.basename(path)}' ({path}); "
+                        f"convert it to one of {', '.join(FILE_TYPES)}")
+    if ext == ".parquet":
+        return _read_parquet(path, columns, log)
+    rows = _json_rows(path) if ext in (".json", ".jsonl") else _csv_rows(path, "\t" if ext == ".tsv" else ",")
+    return _rows_to_dataset(rows, path, columns, log)
+
+
+def _decoded_lines(path: str):
+    """Yield (line number, text) with strict UTF-8, naming the line of any undecodable byte."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); re-save the file as UTF-8 or remove the line") from None
+            yield number, text.lstrip("\ufeff") if number == 1 else text
+
+
+def _json_rows(path: str):
+    """Yield (line, object) from JSON lines, or from one JSON array/object spanning the file."""
+    lines = _decoded_lines(path)
+    first = next(((n, t) for n, t in lines if t.strip()), None)
+    if first is None:
+        return
+    number, text = first
+    if text.lstrip().startswith("[") or (path.lower().endswith(".json") and not _is_complete_json(text)):
+        yield from _json_document(path, text + "".join(t for _, t in lines))
+        return
+    yield number, _parse_json_line(path, number, text)
+    for number, text in lines:
+        if text.strip():
+            yield number, _parse_json_line(path, number, text)
+
+
+def _is_complete_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _parse_json_line(path: str, number: int, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {number}: invalid JSON ({e.msg} at column {e.colno}); "
+                        "fix or remove the line") from None
+
+
+def _json_document(path: str, text: str):
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                        "fix the file or write it as JSON lines (one object per line)") from None
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        doc = doc["data"]  # the {"data": [...]} layout some exporters write
+    elif isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
+        n = max(len(v) for v in doc.values())  # column layout {"col": [...], ...}
+        doc = [{k: v[i] for k, v in doc.items() if i < len(v)} for i in range(n)]
+    if not isinstance(doc, list):
+        doc = [doc]
+    # A single document has no per-row line numbers; name the row instead.
+    yield from ((f"row {i}", row) for i, row in enumerate(doc, start=1))
+
+
+def _csv_rows(path: str, delimiter: str):
+    # 1 MB fields must load; the csv module's default limit is 128 KiB.
+    csv.field_size_limit(2**31 - 1)
+    lines = (text for _, text in _decoded_lines(path))
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue  # blank line
+            # A short row lacks the trailing columns; they count as missing, not as "".
+            yield reader.line_num, dict(zip(header, fields))
+    except csv.Error as e:
+        raise UserError(f"{path} line {reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} "
+                        f"({e}); fix or remove the line") from None
+
+
+def _rows_to_dataset(rows, path: str, columns: dict, log) -> Dataset:
+    """Keep the two wanted fields of each row as text; count rows lacking one and numbers converted."""
+    out = {"source": [], "target": []}
+    seen: dict[str, None] = {}
+    total = missing = converted = 0
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{path} {_at(where)}: expected an object with fields "
+                            f"{columns['source']!r} and {columns['target']!r}, found {type(row).__name__}; "
+                            "fix or remove it")
+        total += 1
+        for key in row:
+            seen.setdefault(str(key), None)
+        values = {}
+        for role, name in columns.items():
+            value = _lookup(row, name)
+            if value is _MISSING:
+                break
+            if isinstance(value, (bool, int, float)):
+                value = None if isinstance(value, float) and math.isnan(value) else str(value)
+                converted += value is not None
+            elif value is not None and not isinstance(value, str):
+                raise UserError(f"{path} {_at(where)}: column {name!r} holds a {type(value).__name__}, expected "
+                                f"text; pick a text column with {_FLAGS[role]} (nested fields as a.b)")
+            values[role] = value
+        else:
+            out["source"].append(values["source"])
+            out["target"].append(values["target"])
+            continue
+        missing += 1
+    if total and missing == total:
+        for role, name in columns.items():
+            if _lookup(dict.fromkeys(seen), name) is _MISSING:
+                raise _column_error(name, role, list(seen), path)
+    if missing:
+        log(f"data: {path}: dropped {missing} of {total} rows missing column "
+            f"{columns['source']!r} or {columns['target']!r}")
+    if converted:
+        log(f"data: {path}: converted {converted} numeric values to text")
+    return Dataset(pa.table({k: pa.array(v, type=pa.string()) for k, v in out.items()}))
+
+
+_MISSING = object()
+
+
+def _lookup(row: dict, name: str):
+    """row[name], or a nested field for dotted names ("translation.en"); _MISSING when absent."""
+    if name in row:
+        return row[name]
+    value = row
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _at(where) -> str:
+    return f"line {where}" if isinstance(where, int) else str(where)
+
+
+def _read_parquet(path: str, columns: dict, log) -> Dataset:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        wanted = list(dict.fromkeys(columns.values()))
+        table = pq.read_table(path, columns=wanted if set(wanted) <= set(names) else None)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path} is not a readable parquet file ({_first_line(e)}); "
+                        "re-export it or convert it to jsonl") from None
+    return _as_text(_select_columns(Dataset(table), columns, path), path, log)
+
+
+def _load_saved(path: str, columns: dict, log) -> dict:
+    from datasets import load_from_disk
+
+    try:
+        loaded = load_from_disk(path)
+    except Exception as e:  # any corruption in a saved folder is the user's data, not our bug
+        raise UserError(f"{path} looks like a save_to_disk folder but cannot be loaded "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-save it") from None
+    if isinstance(loaded, Dataset):
+        log(f"data: {path}: a single saved Dataset, used as train")
+        return {"train": (_as_text(_select_columns(loaded, columns, path), path, log), path)}
+    return _pick_splits(loaded, columns, path, log)
+
+
+def _pick_splits(dd, columns: dict, name: str, log) -> dict:
+    picked = {}
+    for split, ds in dd.items():
+        role = SPLIT_ALIASES.get(split.lower())
+        if role is None or role in picked:
+            log(f"data: {name}: ignoring split {split!r}")
+            continue
+        where = f"{name} ({split} split)"
+        picked[role] = (_as_text(_select_columns(ds, columns, where), where, log), where)
+    if "train" not in picked:
+        raise UserError(f"{name} has no train split (found: {', '.join(dd) or 'none'}); "
+                        "provide one named train")
+    return picked
+
+
+# ----------------------------------------------------------------------------- the Hub
+
+def _load_hub(dataset: str, columns: dict, trust_remote_code: bool, log) -> dict:
+    name, _, config = (part.strip() for part in dataset.partition(":"))
+    if os.path.exists(os.path.expanduser(dataset)):
+        log(f"data: {dataset} is a local path; reading it as --dataset-local-path")
+        return _load_local(os.path.expanduser(dataset), columns, log)
+    import datasets
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
+    if not offline:
+        reason = _hub_unreachable(name)
+        if reason:
+            raise UserError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({reason}) to load "
+                            f"dataset {name!r}; pass --dataset-local-path with a local copy instead "
+                            "(or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache)")
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    log(f"data: loading {name!r}" + (f" config {config!r}" if config else "") + " from the Hugging Face Hub")
+    try:
+        dd = datasets.load_dataset(name, config or None, **kwargs)
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as e:
+        where = "in the offline Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the Hugging Face Hub"
+        raise UserError(f"dataset {name!r} could not be loaded {where} ({_first_line(e)}); check the name, "
+                        "or pass --dataset-local-path with a local copy instead") from None
+    except (ValueError, OSError) as e:  # e.g. a missing or unknown config name
+        raise UserError(f"dataset {name!r} could not be loaded ({_first_line(e)}); "
+                        "pick a config with --dataset NAME:CONFIG or pass --dataset-local-path") from None
+    return _pick_splits(dd, columns, name, log)
+
+
+def _hub_unreachable(name: str) -> str | None:
+    """Why the Hub cannot be reached, or None; bounded so an offline run fails in seconds.
+
+    Without this, load_dataset retries an unreachable Hub for 20-50 s per file before failing.
+    The probe uses huggingface_hub's own session (its proxies, endpoint and certificates) and runs
+    in a daemon thread so even a hanging DNS lookup cannot stall the run past the timeout.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    result: list = []
+
+    def probe():
+        try:
+            get_session().head(f"{constants.ENDPOINT}/api/datasets/{name}", timeout=HUB_PROBE_TIMEOUT_S)
+            result.append(None)
+        except Exception as e:  # any transport failure means "unreachable" here
+            result.append(f"{type(e).__name__}: {_first_line(e)}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 2)
+    return result[0] if result else f"no answer within {HUB_PROBE_TIMEOUT_S:.0f} s"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+# ----------------------------------------------------------------------------- cleaning
+
+def _select_columns(ds: Dataset, columns: dict, where: str) -> Dataset:
+    names = list(ds.column_names)
+    if any(c not in names and "." in c for c in columns.values()):
+        ds = ds.flatten()  # nested fields ("translation.en") become top-level columns
+    for role, name in columns.items():
+        if name not in ds.column_names:
+            raise _column_error(name, role, names, where)
+    if columns["source"] == columns["target"]:
+        ds = ds.add_column("__target__", ds[columns["target"]])
+        columns = {"source": columns["source"], "target": "__target__"}
+    ds = ds.select_columns([columns["source"], columns["target"]])
+    return ds.rename_columns({columns["source"]: "source", columns["target"]: "target"})
+
+
+def _column_error(name: str, role: str, existing: list, where: str) -> UserError:
+    return UserError(f"column {name!r} not found in {where}; columns found: "
+                     f"{', '.join(map(str, existing)) or 'none'}; pass one of them with {_FLAGS[role]}")
+
+
+def _as_text(ds: Dataset, where: str, log) -> Dataset:
+    """Cast source/target to plain strings (numbers become text, counted) so splits concatenate."""
+    for col in ("source", "target"):
+        feature = ds.features[col]
+        dtype = getattr(feature, "dtype", "")
+        if not isinstance(feature, Value) or not (dtype in ("string", "large_string", "null", "bool")
+                                                  or dtype.startswith(("int", "uint", "float", "decimal"))):
+            raise UserError(f"column {col!r} of {where} holds {feature}, expected text; pick a text column "
+                            f"with {_FLAGS[col]} (nested fields as a.b)")
+        if dtype not in ("string", "large_string", "null"):
+            log(f"data: {where}: converted {len(ds) - ds.data.column(col).null_count} numeric {col} values to text")
+        if dtype != "string":
+            ds = ds.cast_column(col, Value("string"))
+    return ds
+
+
+def _drop_empty(ds: Dataset, split: str, where: str, log) -> Dataset:
+    """Drop rows where source or target is null or blank, log the count; refuse an empty result."""
+    keep = []
+    for batch in ds.with_format("arrow").iter(batch_size=_CHUNK_ROWS):
+        ok = None
+        for col in ("source", "target"):
+            text = batch.column(col)
+            filled = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(text, ""))), 0)
+            ok = filled if ok is None else pc.and_(ok, filled)
+        keep.append(np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool))
+    mask = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
+    dropped = int(len(mask) - mask.sum())
+    if dropped:
+        log(f"data: dropped {dropped} of {len(mask)} {split} rows with an empty source or target")
+        ds = ds.select(np.flatnonzero(mask))
+    if len(ds) == 0:
+        raise UserError(f"the {split} data from {where} is empty" + (" after dropping rows with an empty "
+                        "source or target" if dropped else "") + "; check the file and the column flags "
+                        "--dataset-input-column/--dataset-target-column")
+    return ds
+
+
+def _split_off_validation(train: Dataset, ratio: float, seed: int, log) -> dict:
+    n_val = max(1, round(len(train) * ratio))
+    if len(train) < 2:
+        raise UserError(f"only {len(train)} train row, too few to split off a validation set; "
+                        "add rows or provide a validation split (e.g. a validation.jsonl file)")
+    parts = train.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    log(f"data: no validation split; took {n_val} of {len(train)} train rows as validation (seed {seed})")
+    return {"train": parts["train"], "validation": parts["test"]}
+
+
+# ----------------------------------------------------------------------------- tokenize, collate
+
+def tokenize_splits(splits: DatasetDict, tokenizer, *, max_source_length: int, max_target_length: int,
+                    source_prefix: str = "", log=print) -> DatasetDict:
+    """Tokenize source (with `source_prefix`) and target; columns input_ids, attention_mask, labels."""
+    counts: dict[str, list[int]] = {}
+
+    def encode(batch, split):
+        sources = [source_prefix + s for s in batch["source"]]
+        model_inputs, cut_src = _encode(tokenizer, sources, max_source_length, {})
+        labels, cut_tgt = _encode(tokenizer, batch["target"], max_target_length, {"is_target": True})
+        model_inputs["labels"] = labels["input_ids"]
+        counts[split][0] += cut_src
+        counts[split][1] += cut_tgt
+        return model_inputs
+
+    out = {}
+    for split, ds in splits.items():
+        counts[split] = [0, 0]
+        # load_from_cache_file=False: the counts below come from running encode, not from a cache.
+        out[split] = ds.map(encode, batched=True, fn_kwargs={"split": split}, remove_columns=ds.column_names,
+                            load_from_cache_file=False, desc=f"tokenizing {split}")
+        cut_src, cut_tgt = counts[split]
+        log(f"data: {split}: truncated {cut_src} of {len(ds)} sources to {max_source_length} tokens "
+            f"and {cut_tgt} of {len(ds)} targets to {max_target_length} tokens")
+    return DatasetDict(out)
+
+
+def _encode(tokenizer, texts: list[str], max_length: int, how: dict):
+    """Encode with truncation and count the texts that were cut.
+
+    Encoding without truncation first is the only exact count (a result of exactly max_length
+    tokens may or may not have been cut); the few long texts are then encoded again, truncated,
+    so the special tokens (</s>) stay where the tokenizer puts them.
+    """
+    key = "text_target" if how.get("is_target") else "text"
+    full = tokenizer(**{key: texts}, truncation=False, verbose=False)
+    long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
+    if long:
+        cut = tokenizer(**{key: [texts[i] for i in long]}, truncation=True, max_length=max_length)
+        for name in full.keys():
+            values = list(full[name])
+            for j, i in enumerate(long):
+                values[i] = cut[name][j]
+            full[name] = values
+    return {"input_ids": full["input_ids"], "attention_mask": full["attention_mask"]}, len(long)
+
+
+class Seq2SeqCollator:
+    """Pad a list of tokenized rows into tensors: input_ids with the tokenizer's pad id,
+    attention_mask with 0 and labels with -100 (the index cross-entropy and the KL term ignore)."""
+
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None):
+        from transformers import DataCollatorForSeq2Seq
+
+        if tokenizer.pad_token_id is None:
+            raise UserError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
+                            "tokenizer.eos_token) before training")
+        self.tokenizer = tokenizer
+        self.pad_to_multiple_of = pad_to_multiple_of
+        # model=None: decoder_input_ids are built by the models from labels, not here.
+        self._collate = DataCollatorForSeq2Seq(tokenizer, model=None, padding=True, label_pad_token_id=-100,
+                                               pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+
+    def __call__(self, features: list[dict]):
+        keep = ("input_ids", "attention_mask", "labels")
+        batch = self._collate([{k: f[k] for k in keep if k in f} for f in features])
+        return dict(batch)
