@@ -1,0 +1,386 @@
+"""Teacher and tokenizer loading (hub id or folder) and student construction.
+
+Loading is safe by default: transformers reads `model.safetensors` first and falls back to a
+`.bin` only through `torch.load(weights_only=True)`, which refuses to run pickled code; custom
+modelling code (a config with `auto_map` and a model type transformers does not know) is refused
+unless the user passes --trust-remote-code.
+
+A hub name that cannot be reached fails in seconds instead of after huggingface_hub's minute of
+retries: one HEAD request with a short timeout decides whether the Hub is reachable; if it is not
+(or HF_HUB_OFFLINE is set) we load with `local_files_only=True`, so a copy in the local cache still
+works and anything else is a one-line UserError that says how to pass a local folder.
+
+The student is built from the teacher's config. When its hidden size and vocabulary match the
+teacher's, it starts as a copy of the teacher's embeddings, norms, head and a spread-out subset of
+its layers (DistilBART's "shrink and fine-tune"); otherwise it starts at random.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import re
+from typing import Callable
+
+from distill.errors import UserError
+
+# --model-type -> the config.model_type values it accepts. umT5 ("uniform mT5") is accepted as
+# mt5: it is mT5's successor with the same config names and multilingual vocabulary, and the
+# layer copying below is name-based, so its per-layer relative attention bias copies too.
+MODEL_FAMILIES = {"bart": {"bart"}, "mbart": {"mbart"}, "t5": {"t5"}, "mt5": {"mt5", "umt5"}}
+_BART_LIKE = {"bart", "mbart"}
+
+# Head sizes of a resized student must be multiples of 8: PyTorch's fused attention kernels
+# (flash / memory-efficient SDPA) want that alignment, and anything narrower is not worth a head.
+HEAD_DIM_MULTIPLE = 8
+# Long enough for a slow link to answer, short enough that an offline run fails at once.
+HUB_PROBE_TIMEOUT_S = 5.0
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
+
+
+def is_unset(value) -> bool:
+    """True for None, "" and the literal string "None" (what a CLI default of None prints as)."""
+    return value is None or (isinstance(value, str) and value.strip() in ("", "None"))
+
+
+def resolve_source(hub_name, local_path, what: str) -> str:
+    """The folder or hub name to load `what` ("teacher", ...) from; a local path wins."""
+    if not is_unset(local_path):
+        path = os.path.expanduser(str(local_path))
+        if not os.path.isdir(path):
+            raise UserError(f"{what} folder {path} given by --{what}-local-path does not exist or is "
+                            f"not a folder; expected a folder written by save_pretrained")
+        return path
+    if not is_unset(hub_name):
+        return str(hub_name)
+    raise UserError(f"no {what} given: pass --{what} HUB_ID or --{what}-local-path DIR")
+
+
+def _offline_mode() -> bool:
+    from huggingface_hub import constants
+
+    # The env is read here as well because huggingface_hub reads it once, at import.
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
+    return bool(constants.HF_HUB_OFFLINE) or env in ("1", "ON", "YES", "TRUE")
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_reachable() -> bool:
+    """One HEAD to the Hub endpoint through huggingface_hub's session (proxies, mirrors, token)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+        return True
+    except Exception:  # any failure of the probe (DNS, refused, timeout, offline mode) = unreachable
+        return False
+
+
+def _load(loader: Callable, source: str, what: str, flag: str, **kwargs):
+    """`loader(source, **kwargs)` with the offline fallback and one-line UserErrors."""
+    local = os.path.isdir(source)
+    cache_only = not local and (_offline_mode() or not _hub_reachable())
+    if cache_only:
+        kwargs["local_files_only"] = True
+    try:
+        return loader(source, **kwargs)
+    except UserError:
+        raise
+    except _LOAD_ERRORS as err:
+        raise UserError(_explain(err, source, what, flag, local, cache_only)) from err
+
+
+def _explain(err: Exception, source: str, what: str, flag: str, local: bool, cache_only: bool) -> str:
+    text = " ".join(_ANSI.sub("", str(err)).split())
+    if "Weights only load failed" in text:
+        return (f"the {what} at {source} has a pickled .bin checkpoint holding more than plain "
+                f"tensors, and unpickling it could run code from the file, so it was refused; "
+                f"convert it to model.safetensors where you trust its origin")
+    if "trust_remote_code" in text:
+        return (f"the {what} at {source} needs custom code shipped with it (config.json has auto_map "
+                f"for a model type transformers does not know); it was not run; pass "
+                f"--trust-remote-code only if you trust that code")
+    reason = text[:200].rstrip(". ") or type(err).__name__
+    if local:
+        files = ("tokenizer.json, tokenizer_config.json" if what == "tokenizer"
+                 else "config.json, model.safetensors")
+        return (f"cannot load the {what} from folder {source}: {reason}; expected a folder written by "
+                f"save_pretrained ({files})")
+    if cache_only:
+        return (f"cannot load the {what} '{source}': the Hugging Face Hub cannot be reached (or "
+                f"HF_HUB_OFFLINE is set) and it is not in the local cache; download it where there "
+                f"is internet and pass the folder with {flag} DIR")
+    return (f"cannot load the {what} '{source}' from the Hugging Face Hub: {reason}; check the name, "
+            f"or pass a local folder with {flag} DIR")
+
+
+def load_tokenizer(teacher_source: str, tokenizer_path: str | None = None, *,
+                   trust_remote_code=False):
+    """The tokenizer from --custom-tokenizer-local-path when given, else the teacher's."""
+    from transformers import AutoTokenizer
+
+    if not is_unset(tokenizer_path):
+        path = os.path.expanduser(str(tokenizer_path))
+        if not os.path.isdir(path):
+            raise UserError(f"tokenizer folder {path} given by --custom-tokenizer-local-path does not "
+                            f"exist or is not a folder; expected a folder written by save_pretrained")
+        source = path
+    else:
+        source = teacher_source
+    return _load(AutoTokenizer.from_pretrained, source, "tokenizer", "--custom-tokenizer-local-path",
+                 trust_remote_code=bool(trust_remote_code))
+
+
+def load_teacher_config(source: str, model_type: str, *, trust_remote_code=False):
+    """The teacher's config, checked against --model-type."""
+    from transformers import AutoConfig
+
+    if model_type not in MODEL_FAMILIES:
+        raise UserError(f"--model-type {model_type!r} is not supported; expected one of "
+                        f"{', '.join(MODEL_FAMILIES)}")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise UserError(f"teacher folder {source} has no config.json; expected a folder written by "
+                        f"save_pretrained (config.json, model.safetensors)")
+    config = _load(AutoConfig.from_pretrained, source, "teacher", "--teacher-local-path",
+                   trust_remote_code=bool(trust_remote_code))
+    found = getattr(config, "model_type", None)
+    if found not in MODEL_FAMILIES[model_type]:
+        family = next((f for f, types in MODEL_FAMILIES.items() if found in types), None)
+        fix = (f"pass --model-type {family}" if family else
+               f"use a teacher of one of the families {', '.join(MODEL_FAMILIES)}")
+        raise UserError(f"--model-type {model_type} does not match the teacher at {source}, whose "
+                        f"config.json says model_type {found!r}; {fix}")
+    return config
+
+
+def load_teacher(source: str, model_type: str, *, dtype=None, trust_remote_code=False):
+    """The teacher in eval mode (no dropout: its logits are the target) with no gradients.
+
+    Safe to call inside transformers' HfDeepSpeedConfig (ZeRO-3) scope: everything goes through
+    from_pretrained, which then loads the checkpoint partitioned.
+    """
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = load_teacher_config(source, model_type, trust_remote_code=trust_remote_code)
+    kwargs = {"config": config, "trust_remote_code": bool(trust_remote_code), "weights_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = _load(AutoModelForSeq2SeqLM.from_pretrained, source, "teacher", "--teacher-local-path",
+                  **kwargs)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def pick_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Which teacher layers a student of `n_student` layers copies, spread evenly.
+
+    Student layer i takes teacher layer round_half_up(i * (n_teacher-1) / (n_student-1)): first and
+    last are always kept, a one-layer student takes layer 0. This reproduces most of the
+    hand-made LAYERS_TO_COPY table of transformers' seq2seq-distillation (12->1,3,6; 16->1,2,3,4,6;
+    6->1,2; n->n). It differs by one position where that table was tuned by hand (12->4 gives
+    [0,4,7,11], 16->8 [0,2,4,6,9,11,13,15]) and for 12->2, where the table's [0,6] drops the last
+    layer; we give [0,11].
+    """
+    if not 1 <= n_student <= n_teacher:
+        raise UserError(f"a student of {n_student} layers cannot copy from a teacher of {n_teacher}; "
+                        f"expected 1 to {n_teacher} layers")
+    if n_student == 1:
+        return [0]
+    span, steps = n_teacher - 1, n_student - 1
+    # Integer round-half-up so 12->3 picks 6 (as DistilBART) with no float ties.
+    return [(2 * i * span + steps) // (2 * steps) for i in range(n_student)]
+
+
+def _family(config) -> str:
+    return "bart" if config.model_type in _BART_LIKE else "t5"
+
+
+def _layer_names(config) -> tuple[str, str]:
+    return ("encoder_layers", "decoder_layers") if _family(config) == "bart" else (
+        "num_layers", "num_decoder_layers")
+
+
+def _layer_counts(config) -> tuple[int, int]:
+    enc, dec = _layer_names(config)
+    return getattr(config, enc), getattr(config, dec)
+
+
+def _pick_heads(hidden: int, teacher_heads: int, teacher_head_dim: int) -> int | None:
+    """Keep the teacher's head size when it divides `hidden`; else the most heads (up to the
+    teacher's count) whose size is a multiple of HEAD_DIM_MULTIPLE; None when there is none."""
+    if hidden % teacher_head_dim == 0:
+        return hidden // teacher_head_dim
+    for heads in range(min(teacher_heads, hidden // HEAD_DIM_MULTIPLE), 0, -1):
+        if hidden % heads == 0 and (hidden // heads) % HEAD_DIM_MULTIPLE == 0:
+            return heads
+    return None
+
+
+def student_config(teacher_config, *, num_encoder_layers=None, num_decoder_layers=None,
+                   hidden_dim=None, vocab_size=None):
+    """The teacher's config with fewer layers and optionally another hidden size or vocabulary.
+
+    Defaults: half the teacher's layers (at least 1), the teacher's hidden size and vocabulary.
+    A different hidden size scales the FFN width in proportion and picks the head count with
+    `_pick_heads` (so a size works iff the teacher's head size or 8 divides it); T5's d_kv follows.
+    """
+    import copy
+
+    t_enc, t_dec = _layer_counts(teacher_config)
+    layers = {}
+    for stack, given, teacher_n in (("encoder", num_encoder_layers, t_enc),
+                                    ("decoder", num_decoder_layers, t_dec)):
+        n = max(1, teacher_n // 2) if is_unset(given) else int(given)
+        if not 1 <= n <= teacher_n:
+            raise UserError(f"student {stack} layers: got {n}, the teacher has {teacher_n}; expected "
+                            f"1 to {teacher_n}; choose a {stack} depth in that range")
+        layers[stack] = n
+    cfg = copy.deepcopy(teacher_config)
+    enc_name, dec_name = _layer_names(cfg)
+    setattr(cfg, enc_name, layers["encoder"])
+    setattr(cfg, dec_name, layers["decoder"])
+    if not is_unset(vocab_size):
+        if int(vocab_size) < 1:
+            raise UserError(f"student vocabulary size: got {vocab_size}, expected a positive size")
+        cfg.vocab_size = int(vocab_size)
+    t_hidden = teacher_config.d_model
+    hidden = t_hidden if is_unset(hidden_dim) else int(hidden_dim)
+    if hidden != t_hidden:
+        if hidden < 1:
+            raise UserError(f"student hidden size: got {hidden}, expected a positive size")
+        scale = hidden / t_hidden
+        cfg.d_model = hidden
+        if _family(cfg) == "bart":
+            for side in ("encoder", "decoder"):
+                t_heads = getattr(teacher_config, f"{side}_attention_heads")
+                setattr(cfg, f"{side}_attention_heads", _heads_or_fail(hidden, t_heads, t_hidden // t_heads))
+                ffn = f"{side}_ffn_dim"
+                setattr(cfg, ffn, max(1, round(getattr(teacher_config, ffn) * scale)))
+        else:
+            heads = _heads_or_fail(hidden, teacher_config.num_heads, teacher_config.d_kv)
+            cfg.num_heads, cfg.d_kv = heads, hidden // heads
+            cfg.d_ff = max(1, round(teacher_config.d_ff * scale))
+    return cfg
+
+
+def _heads_or_fail(hidden: int, teacher_heads: int, teacher_head_dim: int) -> int:
+    heads = _pick_heads(hidden, teacher_heads, teacher_head_dim)
+    if heads is None:
+        low = hidden // HEAD_DIM_MULTIPLE * HEAD_DIM_MULTIPLE
+        near = f"{low} or {low + HEAD_DIM_MULTIPLE}" if low else str(HEAD_DIM_MULTIPLE)
+        raise UserError(f"student hidden size {hidden} cannot be split into attention heads: expected "
+                        f"a multiple of the teacher's head size {teacher_head_dim} or of "
+                        f"{HEAD_DIM_MULTIPLE} (head sizes must be multiples of {HEAD_DIM_MULTIPLE}); "
+                        f"choose e.g. {near}")
+    return heads
+
+
+def _summary(cfg) -> dict:
+    enc, dec = _layer_counts(cfg)
+    bart = _family(cfg) == "bart"
+    return {"model_type": cfg.model_type, "hidden_dim": cfg.d_model, "encoder_layers": enc,
+            "decoder_layers": dec, "vocab_size": cfg.vocab_size,
+            "attention_heads": cfg.encoder_attention_heads if bart else cfg.num_heads,
+            "ffn_dim": cfg.encoder_ffn_dim if bart else cfg.d_ff}
+
+
+def module_tensor_getter(model) -> Callable:
+    """A `get_teacher_tensor` for a teacher held whole in this process (no ZeRO-3)."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return tensors.__getitem__
+
+
+# A parameter of layer N of a stack: BART "model.encoder.layers.3.fc1.weight",
+# T5 "encoder.block.2.layer.1.DenseReluDense.wi.weight".
+_LAYER_KEY = re.compile(r"^(|.*\.)(encoder|decoder)\.(layers|block)\.(\d+)\.(.+)$")
+
+
+def _teacher_name(name: str, picks: dict[str, list[int]]) -> str:
+    m = _LAYER_KEY.match(name)
+    if not m:
+        return name  # embeddings, positions, final norms, lm_head, final_logits_bias
+    prefix, stack, kind, index, rest = m.groups()
+    return f"{prefix}{stack}.{kind}.{picks[stack][int(index)]}.{rest}"
+
+
+def _copy_from_teacher(student, get_teacher_tensor, picks: dict[str, list[int]]) -> None:
+    import torch
+
+    # named_parameters() lists tied weights once (lm_head shares the embedding), and the teacher
+    # ties the same way, so each teacher tensor is asked for once and only the picked layers are.
+    # T5 keeps its relative attention bias in block 0, which always maps to teacher block 0.
+    persistent = set(student.state_dict().keys())
+    targets = list(student.named_parameters())
+    targets += [(n, b) for n, b in student.named_buffers() if n in persistent]
+    with torch.no_grad():
+        for name, target in targets:
+            source_name = _teacher_name(name, picks)
+            tensor = get_teacher_tensor(source_name)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise RuntimeError(f"teacher tensor {source_name} has shape {tuple(tensor.shape)}, "
+                                   f"student {name} expects {tuple(target.shape)}")
+            target.copy_(tensor)
+
+
+def build_student(teacher_config, get_teacher_tensor, *, num_encoder_layers=None,
+                  num_decoder_layers=None, hidden_dim=None, vocab_size=None, log=print):
+    """A student (train mode, float32) and an info dict; see the module docstring for the rule.
+
+    `get_teacher_tensor(name)` returns the full teacher tensor for a parameter or persistent
+    buffer name of the teacher; it is called once per name, for the picked layers only.
+    Must run outside transformers' ZeRO-3 scope: the student is an ordinary (ZeRO-2) model.
+    """
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise RuntimeError("build_student ran inside an HfDeepSpeedConfig ZeRO-3 scope; the student "
+                           "would be partitioned; build it after that scope is gone")
+    cfg = student_config(teacher_config, num_encoder_layers=num_encoder_layers,
+                         num_decoder_layers=num_decoder_layers, hidden_dim=hidden_dim,
+                         vocab_size=vocab_size)
+    # float32 whatever the teacher's dtype: DeepSpeed keeps master weights and casts for bf16/fp16.
+    student = AutoModelForSeq2SeqLM.from_config(cfg, dtype=torch.float32)
+    reasons = []
+    if cfg.d_model != teacher_config.d_model:
+        reasons.append(f"hidden size {cfg.d_model} differs from the teacher's {teacher_config.d_model}")
+    if cfg.vocab_size != teacher_config.vocab_size:
+        reasons.append(f"vocabulary size {cfg.vocab_size} differs from the teacher's "
+                       f"{teacher_config.vocab_size}")
+    enc_copied = dec_copied = None
+    if reasons:
+        log(f"student initialised at random: {' and '.join(reasons)}, so teacher weights do not fit")
+    else:
+        (t_enc, t_dec), (s_enc, s_dec) = _layer_counts(teacher_config), _layer_counts(cfg)
+        enc_copied, dec_copied = pick_layers(t_enc, s_enc), pick_layers(t_dec, s_dec)
+        _copy_from_teacher(student, get_teacher_tensor, {"encoder": enc_copied, "decoder": dec_copied})
+        log(f"encoder: copied teacher layers {enc_copied}")
+        log(f"decoder: copied teacher layers {dec_copied}")
+    # The teacher's size without loading it: a skeleton on the meta device holds no memory.
+    with torch.device("meta"):
+        teacher_params = AutoModelForSeq2SeqLM.from_config(teacher_config).num_parameters()
+    student.train()
+    info = {"init": "random" if reasons else "teacher", "encoder_layers_copied": enc_copied,
+            "decoder_layers_copied": dec_copied, "teacher_params": teacher_params,
+            "student_params": student.num_parameters(), "config": _summary(cfg)}
+    return student, info
+
+
+def check_vocab(tokenizer, teacher_config, student_cfg, alpha: float) -> None:
+    """Refuse vocabularies that cannot work: KL needs the same token ids on both sides."""
+    if student_cfg.vocab_size != teacher_config.vocab_size and alpha < 1:
+        raise UserError(f"student vocabulary size {student_cfg.vocab_size} differs from the teacher's "
+                        f"{teacher_config.vocab_size}, but alpha={alpha} < 1 distills logits token by "
+                        f"token, which needs a shared vocabulary; keep the teacher's vocabulary size "
+                        f"or set alpha to 1.0 (labels only)")
+    if len(tokenizer) > student_cfg.vocab_size:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the student's vocabulary holds "
+                        f"{student_cfg.vocab_size}, so some ids have no embedding; use a vocabulary "
+                        f"size of at least {len(tokenizer)} or a tokenizer that fits")
