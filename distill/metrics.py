@@ -172,7 +172,6 @@ def _peak_extra_bytes(model, enc, max_new_tokens, device) -> int | None:
     """
     import torch
 
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -261,6 +260,7 @@ def measure_speed(models: dict, sources: list[str], *, source_prefix="", max_sou
             t[name]["batch"].append(seconds)
             t[name]["batch_tokens"].append(tokens)
     results = {}
+    gc.collect()  # once, so garbage from the timed rounds is not part of the first baseline
     for name, (model, _) in models.items():
         times = t[name]
         batch_s = statistics.median(times["batch"])

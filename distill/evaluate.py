@@ -1,0 +1,384 @@
+"""Teacher vs student report: quality on the same inputs, speed, memory and size.
+
+    python -m distill.evaluate --teacher DIR_OR_ID --student DIR --dataset-local-path data.jsonl \
+        --dataset-input-column document --dataset-target-column summary --output-dir report/
+
+How things are measured (also written into every report, so a reader needs no source):
+- Quality: greedy decoding (num_beams=1, no sampling) over every evaluation sample, each model
+  with its own tokenizer. Greedy is what a latency-bound deployment of a distilled student runs,
+  and it is 1/num_beams of the cost of beam search; the model's own generation config (minimum
+  length, repetition rules) still applies.
+- Speed: every model is warmed up first (one call per measured shape), then repetitions are
+  interleaved across models, in an order rotated each round, so drift (thermal, other load)
+  hits all models alike. Latency at batch 1, greedy and beam (--num-beams): one different input
+  per repetition, p50/p90 in ms. Throughput: a batch of --batch-size inputs (cycled if there are
+  fewer), samples/s from the median time. Generation stops at EOS, so a model that writes longer
+  outputs pays for it; the mean number of new tokens is reported next to the times.
+- Memory: weights (parameters + buffers) plus the peak extra memory of one extra, untimed
+  batch generation. CUDA: torch.cuda.max_memory_allocated after a reset. CPU: resident set size
+  sampled every 2 ms in a thread; the allocator reuses freed pages, so the extra part is a lower
+  bound.
+- Size: parameters counted once (tied embeddings shared), bytes of weight files on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from distill.errors import UserError
+from distill.metrics import (METRICS, SPEED_KEYS, compute_metrics, encode, generate,
+                             measure_speed, memory_method, pick_main_metric, weights_bytes)
+
+__all__ = ["compute_metrics", "pick_main_metric", "run_report", "format_table", "main"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+MB = 1024 * 1024
+
+
+# ---------------------------------------------------------------- loading and generation
+
+def _resolve_device(device):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _load(path: str, role: str, device, trust_remote_code: bool):
+    """Model and its own tokenizer. On CPU everything runs in float32 (half precision is slow
+    or unsupported there); on CUDA each model keeps the dtype it was saved in, reported."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    dtype = torch.float32 if device.type == "cpu" else "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # hub, IO and config errors all mean "cannot use this model"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        where = "folder" if os.path.isdir(path) else "folder or Hub model id"
+        raise UserError(f"could not load the {role} from {where} {path!r} ({reason}); "
+                        f"pass a folder saved with save_pretrained or a reachable Hub id") from None
+    # eval mode: dropout off, so outputs are deterministic and the same for every measurement
+    return model.to(device).eval(), tokenizer
+
+
+def _size_on_disk(path: str) -> int | None:
+    """Bytes of weight files in the model's folder (a Hub id: its local cache snapshot)."""
+    if not os.path.isdir(path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, local_files_only=True)
+        except Exception:  # not cached as a snapshot: report no size rather than guess
+            return None
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files
+                     if f.endswith(WEIGHT_SUFFIXES))
+    return total
+
+
+def _predict(entry, sources, *, prefix, max_source_length, max_new_tokens, batch_size, device):
+    """Greedy outputs in input order; batches are formed by length to waste little on padding."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
+    outputs = [""] * len(sources)
+    with tqdm(total=len(sources), desc=f"generate {entry['name']}", disable=None) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = encode(entry["tokenizer"], [sources[i] for i in idx], prefix,
+                         max_source_length, device)
+            out = generate(entry["model"], enc, 1, max_new_tokens)
+            texts = entry["tokenizer"].batch_decode(out, skip_special_tokens=True)
+            for i, text in zip(idx, texts):
+                outputs[i] = text.strip()
+            bar.update(len(idx))
+    return outputs
+
+
+# ---------------------------------------------------------------- the report
+
+def _ratio(num, den):
+    return num / den if num is not None and den else None
+
+
+def run_report(teacher: str, students: list[str], sources: list[str], references: list[str],
+               output_dir: str, *, main_metric="auto", source_prefix="", max_source_length=512,
+               max_new_tokens=128, batch_size=32, num_beams=4, speed_repeats=5,
+               skip_speed=False, device=None, trust_remote_code=False, log=print) -> dict:
+    """Evaluate the teacher and each student on `sources`; write report.md, report.json and
+    quality_vs_speed.png into `output_dir`; return the report.json content.
+
+    Models are named "teacher", "student" (the first student) and "student_2", ... in order.
+    Top-level figures compare the first student with the teacher: speedup_b1 (greedy batch-1
+    p50 latency ratio), speedup_b32 (throughput ratio at `batch_size`, 32 by default) and
+    quality_retention (student's main metric / teacher's). Raises UserError on bad input,
+    before anything is written.
+    """
+    import torch
+
+    if not students:
+        raise UserError("no student given; pass at least one --student folder")
+    for path in students:
+        if not os.path.isdir(path):
+            raise UserError(f"student folder {path!r} not found; pass the folder the trainer "
+                            f"exported (it holds config.json and the weights)")
+    if teacher.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(teacher)):
+        raise UserError(f"teacher folder {teacher!r} not found; pass a model folder or a Hub id")
+    if not sources:
+        raise UserError("no evaluation samples; the evaluation split is empty")
+    if len(sources) != len(references):
+        raise UserError(f"{len(sources)} sources but {len(references)} references; "
+                        f"every input needs its target")
+    for name, value, low in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1),
+                             ("num_beams", num_beams, 1), ("speed_repeats", speed_repeats, 1),
+                             ("max_source_length", max_source_length, 1)):
+        if int(value) < low:
+            raise UserError(f"{name} is {value}; expected an integer >= {low}")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"output path {output_dir!r} is a file; pass a folder for the report")
+    main_metric = pick_main_metric(main_metric, references, sources)
+    device = _resolve_device(device)
+
+    entries = []
+    names = ["teacher", "student"] + [f"student_{i}" for i in range(2, len(students) + 1)]
+    for name, path in zip(names, [teacher] + list(students)):
+        log(f"evaluate: loading {name} from {path}")
+        model, tokenizer = _load(os.path.expanduser(path), name, device, trust_remote_code)
+        entries.append({"name": name, "path": path, "model": model, "tokenizer": tokenizer})
+
+    models = {}
+    predictions = {}
+    with torch.inference_mode():
+        for e in entries:
+            log(f"evaluate: {e['name']} greedy outputs for {len(sources)} samples")
+            predictions[e["name"]] = _predict(
+                e, sources, prefix=source_prefix, max_source_length=max_source_length,
+                max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+            disk = _size_on_disk(os.path.expanduser(e["path"]))
+            models[e["name"]] = {
+                "role": "teacher" if e["name"] == "teacher" else "student",
+                "path": e["path"],
+                "dtype": str(next(e["model"].parameters()).dtype).replace("torch.", ""),
+                "parameters": sum(p.numel() for p in e["model"].parameters()),
+                "weights_mb": weights_bytes(e["model"]) / MB,
+                "size_on_disk_mb": disk / MB if disk is not None else None,
+                **compute_metrics(predictions[e["name"]], references),
+            }
+        speed = {}
+        if not skip_speed:
+            speed = measure_speed(
+                {e["name"]: (e["model"], e["tokenizer"]) for e in entries}, sources,
+                source_prefix=source_prefix, max_source_length=max_source_length,
+                max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams,
+                repeats=speed_repeats, device=device, log=log)
+    for name, figures in models.items():
+        figures.update(speed.get(name, dict.fromkeys(SPEED_KEYS)))
+    t = models["teacher"]
+    for name, m in models.items():
+        if m["role"] == "student":
+            m["speedup_b1"] = _ratio(t["latency_greedy_b1_p50_ms"], m["latency_greedy_b1_p50_ms"])
+            m["speedup_b32"] = _ratio(m["throughput_samples_per_s"], t["throughput_samples_per_s"])
+            m["quality_retention"] = _ratio(m[main_metric], t[main_metric])
+    first = models["student"]
+    report = {
+        "main_metric": main_metric,
+        "speedup_b1": first["speedup_b1"],
+        "speedup_b32": first["speedup_b32"],
+        "quality_retention": first["quality_retention"],
+        "models": models,
+        "settings": {
+            "device": str(device),
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else "cpu"),
+            "threads": torch.get_num_threads(),
+            "n_samples": len(sources),
+            "speed_repeats": 0 if skip_speed else speed_repeats,
+            "quality_decoding": "greedy",
+            "num_beams": num_beams,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "max_source_length": max_source_length,
+            "source_prefix": source_prefix,
+            "memory_method": memory_method(device),
+            "torch": torch.__version__,
+        },
+        "examples": [{"source": sources[i], "reference": references[i],
+                      **{n: predictions[n][i] for n in predictions}}
+                     for i in range(min(3, len(sources)))],
+    }
+    _write(report, output_dir, log)
+    for e in entries:  # free the models before the caller (the trainer) carries on
+        e.clear()
+    return report
+
+
+def _fmt(value, spec=".1f"):
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    """A markdown table (one row per model) with the main metric, speed, memory and size,
+    followed by the first student's speedups and quality retention."""
+    metric = report["main_metric"]
+    s = report["settings"]
+    header = ["model", "params (M)", "disk MB", f"{metric}", "greedy b1 p50 ms",
+              f"beam{s['num_beams']} b1 p50 ms", f"b{s['batch_size']} samples/s", "peak MB",
+              "speedup b1", f"speedup b{s['batch_size']}", "quality kept"]
+    rows = []
+    for name, m in report["models"].items():
+        rows.append([name, _fmt(m["parameters"] / 1e6, ".2f"), _fmt(m["size_on_disk_mb"]),
+                     _fmt(m[metric], ".2f"), _fmt(m["latency_greedy_b1_p50_ms"]),
+                     _fmt(m["latency_beam_b1_p50_ms"]), _fmt(m["throughput_samples_per_s"]),
+                     _fmt(m["peak_memory_mb"]), _fmt(m.get("speedup_b1"), ".2f"),
+                     _fmt(m.get("speedup_b32"), ".2f"), _fmt(m.get("quality_retention"), ".1%")])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _write(report, output_dir, log):
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    s = report["settings"]
+    quality = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    quality += ["| " + name + " | " + " | ".join(_fmt(m[k], ".2f") for k in METRICS) + " |"
+                for name, m in report["models"].items()]
+    dtypes = {m["dtype"] for m in report["models"].values()}
+    lines = [
+        "# Teacher vs student", "",
+        f"Main metric: **{report['main_metric']}**. First student vs teacher: "
+        f"speedup {_fmt(report['speedup_b1'], '.2f')}x at batch 1 (greedy p50), "
+        f"{_fmt(report['speedup_b32'], '.2f')}x at batch {s['batch_size']} (samples/s); "
+        f"quality kept {_fmt(report['quality_retention'], '.1%')}.", "",
+        format_table(report), "", "## Quality (0-100)", "", *quality, "",
+        "## How it was measured", "",
+        f"- {s['n_samples']} samples, device {s['device']} ({s['device_name']}), "
+        f"{s['threads']} CPU threads, torch {s['torch']}, dtype {', '.join(sorted(dtypes))}"
+        + (" (dtypes differ: speed ratios include that)" if len(dtypes) > 1 else "") + ".",
+        f"- Quality: greedy decoding, up to {s['max_new_tokens']} new tokens, sources truncated "
+        f"to {s['max_source_length']} tokens, prefix {s['source_prefix']!r}; each model uses its "
+        f"own tokenizer. ROUGE F1 (rouge-score, stemmed), sacrebleu corpus BLEU and chrF.",
+        f"- Speed: {s['speed_repeats']} rounds after warm-up, interleaved across models in a "
+        f"rotating order. Batch-1 latency p50/p90 over different inputs (greedy, beam "
+        f"{s['num_beams']}); throughput = {s['batch_size']} samples / median batch time. "
+        f"Generation stops at EOS (see mean_new_tokens_b1 in report.json).",
+        f"- Peak memory: {s['memory_method']}.",
+        "- Size: parameter count (tied weights once) and weight files on disk.", "",
+        "## Examples", ""]
+    for i, ex in enumerate(report["examples"], 1):
+        lines.append(f"{i}. **source**: {ex['source'][:300]}")
+        for key, text in ex.items():
+            if key != "source":
+                lines.append(f"   - **{key}**: {text[:300]}")
+    with open(os.path.join(output_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot(report, os.path.join(output_dir, "quality_vs_speed.png"))
+    log(f"evaluate: wrote report.md, report.json, quality_vs_speed.png to {output_dir}")
+
+
+def _plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    metric = report["main_metric"]
+    models = report["models"]
+    timed = all(m["throughput_samples_per_s"] is not None for m in models.values())
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, m in models.items():
+        x = m["throughput_samples_per_s"] if timed else m["parameters"] / 1e6
+        ax.scatter(x, m[metric], s=60, marker="s" if m["role"] == "teacher" else "o")
+        ax.annotate(name, (x, m[metric]), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel(f"throughput at batch {report['settings']['batch_size']} (samples/s)"
+                  if timed else "parameters (millions), speed not measured")
+    ax.set_ylabel(f"{metric} (0-100)")
+    ax.set_title("quality vs speed" if timed else "quality vs size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__.split(
+        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher folder or Hub model id")
+    p.add_argument("--student", action="append", required=True,
+                   help="student folder; repeat to compare several (the first is headlined)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="Hub dataset name")
+    src.add_argument("--dataset-local-path", help="save_to_disk folder or json/jsonl/csv/tsv/parquet")
+    p.add_argument("--dataset-input-column", required=True)
+    p.add_argument("--dataset-target-column", required=True)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--split", default=None,
+                   help="split to evaluate (default: test if present, else validation)")
+    p.add_argument("--max-eval-samples", type=int, default=None)
+    p.add_argument("--source-prefix", default="", help='e.g. "summarize: " for T5')
+    p.add_argument("--max-source-length", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--main-metric", default="auto", help=f"auto or one of {', '.join(METRICS)}")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-beams", type=int, default=4, help="beam width of the latency figure")
+    p.add_argument("--speed-repeats", type=int, default=5)
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage line; tests get the code back
+        return int(exc.code or 0)
+    try:
+        if args.max_eval_samples is not None and args.max_eval_samples < 1:
+            raise UserError(f"--max-eval-samples is {args.max_eval_samples}; expected >= 1")
+        if args.main_metric != "auto" and args.main_metric not in METRICS:
+            raise UserError(f"unknown metric {args.main_metric!r}; expected auto or one of "
+                            f"{', '.join(METRICS)}")
+        for path in args.student:
+            if not os.path.isdir(path):
+                raise UserError(f"student folder {path!r} not found; pass the exported folder")
+        from distill.data import load_raw_splits
+
+        splits = load_raw_splits(args.dataset, args.dataset_local_path, args.dataset_input_column,
+                                 args.dataset_target_column,
+                                 trust_remote_code=args.trust_remote_code)
+        split = args.split or ("test" if "test" in splits else "validation")
+        if split not in splits:
+            raise UserError(f"split {split!r} not in the dataset (found {', '.join(splits)}); "
+                            f"pass --split with one of those")
+        data = splits[split]
+        if args.max_eval_samples is not None:
+            data = data.select(range(min(args.max_eval_samples, len(data))))
+        print(f"evaluate: {len(data)} samples from split {split!r}")
+        report = run_report(
+            args.teacher, args.student, list(data["source"]), list(data["target"]),
+            args.output_dir, main_metric=args.main_metric, source_prefix=args.source_prefix,
+            max_source_length=args.max_source_length, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, num_beams=args.num_beams,
+            speed_repeats=args.speed_repeats, skip_speed=args.skip_speed,
+            trust_remote_code=args.trust_remote_code)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
