@@ -238,7 +238,7 @@ def student_config(teacher_config, *, num_encoder_layers=None, num_decoder_layer
         n = max(1, teacher_n // 2) if is_unset(given) else int(given)
         if not 1 <= n <= teacher_n:
             raise UserError(f"student {stack} layers: got {n}, the teacher has {teacher_n}; expected "
-                            f"1 to {teacher_n}; choose a {stack} depth in that range")
+                            f"1 to {teacher_n}; pass --num-{stack}-layers in that range")
         layers[stack] = n
     cfg = copy.deepcopy(teacher_config)
     enc_name, dec_name = _layer_names(cfg)
@@ -246,13 +246,13 @@ def student_config(teacher_config, *, num_encoder_layers=None, num_decoder_layer
     setattr(cfg, dec_name, layers["decoder"])
     if not is_unset(vocab_size):
         if int(vocab_size) < 1:
-            raise UserError(f"student vocabulary size: got {vocab_size}, expected a positive size")
+            raise UserError(f"--vocab-size {vocab_size}: expected a positive vocabulary size")
         cfg.vocab_size = int(vocab_size)
     t_hidden = teacher_config.d_model
     hidden = t_hidden if is_unset(hidden_dim) else int(hidden_dim)
     if hidden != t_hidden:
         if hidden < 1:
-            raise UserError(f"student hidden size: got {hidden}, expected a positive size")
+            raise UserError(f"--hidden-dim {hidden}: expected a positive hidden size")
         scale = hidden / t_hidden
         cfg.d_model = hidden
         if _family(cfg) == "bart":
@@ -276,7 +276,7 @@ def _heads_or_fail(hidden: int, teacher_heads: int, teacher_head_dim: int) -> in
         raise UserError(f"student hidden size {hidden} cannot be split into attention heads: expected "
                         f"a multiple of the teacher's head size {teacher_head_dim} or of "
                         f"{HEAD_DIM_MULTIPLE} (head sizes must be multiples of {HEAD_DIM_MULTIPLE}); "
-                        f"choose e.g. {near}")
+                        f"pass e.g. --hidden-dim {near}")
     return heads
 
 
@@ -378,9 +378,9 @@ def check_vocab(tokenizer, teacher_config, student_cfg, alpha: float) -> None:
     if student_cfg.vocab_size != teacher_config.vocab_size and alpha < 1:
         raise UserError(f"student vocabulary size {student_cfg.vocab_size} differs from the teacher's "
                         f"{teacher_config.vocab_size}, but alpha={alpha} < 1 distills logits token by "
-                        f"token, which needs a shared vocabulary; keep the teacher's vocabulary size "
-                        f"or set alpha to 1.0 (labels only)")
+                        f"token, which needs a shared vocabulary; drop --vocab-size to keep the "
+                        f"teacher's or pass --alpha 1.0 (labels only)")
     if len(tokenizer) > student_cfg.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the student's vocabulary holds "
-                        f"{student_cfg.vocab_size}, so some ids have no embedding; use a vocabulary "
-                        f"size of at least {len(tokenizer)} or a tokenizer that fits")
+                        f"{student_cfg.vocab_size}, so some ids have no embedding; pass --vocab-size "
+                        f"{len(tokenizer)} or more, or a tokenizer that fits")

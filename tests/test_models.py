@@ -222,7 +222,7 @@ def test_student_config_no_head_count_fits(model_type):
     with pytest.raises(UserError) as err:
         student_config(_big_config(model_type), hidden_dim=37)  # prime: only 1 head of 37 or 37 of 1
     text = _one_line(err)
-    assert "hidden size 37" in text and "multiple of" in text and "32 or 40" in text
+    assert "hidden size 37" in text and "multiple of" in text and "--hidden-dim 32 or 40" in text
 
 
 @pytest.mark.parametrize("kwargs,stack,got", [({"num_encoder_layers": 7}, "encoder", 7),
@@ -232,7 +232,7 @@ def test_student_config_layer_count_errors(teacher_dir, kwargs, stack, got):
     with pytest.raises(UserError) as err:
         student_config(load_teacher_config(path, model_type), **kwargs)
     text = _one_line(err)
-    assert f"{stack} layers: got {got}" in text and "the teacher has 6" in text and "1 to 6" in text
+    assert f"{stack} layers: got {got}" in text and "the teacher has 6" in text and "1 to 6" in text and f"--num-{stack}-layers" in text
 
 
 # --- build_student -------------------------------------------------------------------------
@@ -340,8 +340,9 @@ def test_check_vocab(bart_dir):
         check_vocab(tokenizer, cfg, bigger, alpha=0.5)
     text = _one_line(err)
     assert f"{cfg.vocab_size + 8} differs from the teacher's {cfg.vocab_size}" in text
-    assert "alpha=0.5" in text and "alpha to 1.0" in text
+    assert "alpha=0.5" in text and "--alpha 1.0" in text
     small = student_config(cfg, vocab_size=len(tokenizer) - 1)
     with pytest.raises(UserError) as err:
         check_vocab(tokenizer, cfg, small, alpha=1.0)
     assert f"tokenizer has {len(tokenizer)} tokens" in _one_line(err)
+    assert f"--vocab-size {len(tokenizer)} or more" in str(err.value)

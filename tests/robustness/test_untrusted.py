@@ -31,6 +31,7 @@ def _write_bin(path, marker, fmt):
             pickle.dump({"model.shared.weight": _Payload(marker)}, f)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # our hand-made legacy pickle
 @pytest.mark.parametrize("fmt", ["torch-zip", "legacy-pickle"])
 def test_malicious_bin_is_not_unpickled(tmp_path, fmt):
     teacher = save_tiny_teacher(str(tmp_path / "teacher"), "bart", TEXTS, layers=1)
