@@ -1,0 +1,167 @@
+"""fused_linear_distill_loss: lm_head matmul + CE + T^2 KL, one block of tokens at a time.
+
+Neither the student's logits nor (when the teacher comes as hidden states) the teacher's ever
+exist for all tokens at once. Because the loss is a sum over tokens, each chunk's gradient
+wrt its logits is final as soon as the chunk is done, so the forward pass also does the two
+backward matmuls (grad hidden = G W, grad weight += G^T h, as Liger-Kernel does) and keeps only
+those gradients for backward: no recomputation, which is what brings the whole loss close to
+the time of its bare matmuls.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._core import check_temperature, chunk_grad, chunk_step, default_chunk_size, flatten_rows
+
+
+def _logits_into(dst, hidden, weight, bias):
+    """dst (float32 block) = hidden @ weight.T + bias, the matmul in the inputs' dtype."""
+    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=dst)
+        else:
+            torch.addmm(bias.float(), hidden, weight.t(), out=dst)
+        return dst
+    dst.copy_(hidden @ weight.t().to(hidden.dtype))
+    if bias is not None:
+        dst.add_(bias.float())
+    return dst
+
+
+class FusedLinearDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, teacher_logits, teacher_hidden, teacher_weight,
+                teacher_bias, alpha, temperature, ignore_index, chunk_size):
+        shape = hidden.shape
+        h_all = flatten_rows(hidden, "student_hidden")
+        n_rows, width = h_all.shape
+        vocab = weight.shape[0]
+        if weight.dim() != 2 or weight.shape[1] != width:
+            raise ValueError(f"student_weight must be (V, {width}), got shape {tuple(weight.shape)}")
+        if bias is not None and bias.shape != (vocab,):
+            raise ValueError(f"student_bias must be ({vocab},), got shape {tuple(bias.shape)}")
+        lab = labels.reshape(-1)
+        if lab.numel() != n_rows:
+            raise ValueError(f"labels has {lab.numel()} positions, expected {n_rows} (one per token)")
+        if teacher_logits is not None:
+            t_all = flatten_rows(teacher_logits, "teacher_logits", vocab)
+            if t_all.shape[0] != n_rows:
+                raise ValueError(f"teacher_logits has {t_all.shape[0]} rows, expected {n_rows}")
+        else:
+            t_all = flatten_rows(teacher_hidden, "teacher_hidden")
+            if t_all.shape[0] != n_rows:
+                raise ValueError(f"teacher_hidden has {t_all.shape[0]} rows, expected {n_rows}")
+            if teacher_weight.shape != (vocab, t_all.shape[1]):
+                raise ValueError(
+                    f"teacher_weight must be ({vocab}, {t_all.shape[1]}), got {tuple(teacher_weight.shape)}"
+                )
+
+        valid = lab != ignore_index
+        maskf = valid.to(torch.float32).view(-1, 1)
+        safe_lab = torch.where(valid, lab, torch.zeros_like(lab)).view(-1, 1)
+        n_valid = int(valid.sum().item())
+        denom = max(n_valid, 1)
+        c_ce = alpha / denom
+        c_kl = (1.0 - alpha) * temperature / denom  # d(T^2 KL)/ds = T (q - p)
+        inv_t = 1.0 / temperature
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_any = need_h or need_w or need_b
+        chunk = int(chunk_size or default_chunk_size(vocab, n_rows))
+        if chunk < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunk = min(chunk, max(n_rows, 1))
+
+        dev = h_all.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        s_buf = torch.empty(chunk, vocab, **f32)
+        t_buf = torch.empty(chunk, vocab, **f32)
+        u_buf = torch.empty(chunk, vocab, **f32)
+        grad_h = torch.empty_like(h_all) if need_h else None
+        # grad weight/bias are summed over every chunk: one float32 buffer, addmm_ in place.
+        grad_w = torch.zeros(weight.shape, **f32) if need_w else None
+        grad_b = torch.zeros(vocab, **f32) if need_b else None
+        w_f32 = weight.dtype == torch.float32
+        ce_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        for i in range(0, n_rows, chunk):
+            j = min(i + chunk, n_rows)
+            r = j - i
+            s, t, u = s_buf[:r], t_buf[:r], u_buf[:r]
+            h = h_all[i:j]
+            _logits_into(s, h, weight, bias)
+            if teacher_logits is not None:
+                t.copy_(t_all[i:j])
+            else:
+                _logits_into(t, t_all[i:j], teacher_weight, teacher_bias)
+            m, lab_c = maskf[i:j], safe_lab[i:j]
+            st = chunk_step(s, t, u, inv_t, labels=lab_c)
+            ce_sum += (st["ce"] * m).sum()
+            kl_sum += (st["kl"] * m).sum()
+            if not need_any:
+                continue
+            g = chunk_grad(s, u, st, m, c_ce, c_kl, labels=lab_c)
+            if need_b:
+                grad_b.add_(g.sum(0))
+            if need_h:
+                if w_f32 and h.dtype == torch.float32:
+                    torch.mm(g, weight, out=grad_h[i:j])
+                else:
+                    grad_h[i:j].copy_(g.to(weight.dtype) @ weight)
+            if need_w:
+                grad_w.addmm_(g.t(), h if h.dtype == torch.float32 else h.float())
+        ce = (ce_sum / denom).to(torch.float32)
+        kl = (kl_sum / denom).to(torch.float32)
+        loss = (alpha * ce_sum + (1.0 - alpha) * temperature**2 * kl_sum) / denom
+        loss = loss.to(torch.float32)
+        del s_buf, t_buf, u_buf
+        if grad_w is not None and not w_f32:
+            grad_w = grad_w.to(weight.dtype)  # drop the float32 buffer before backward
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.shape = shape
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        # Usually 1 (`loss.backward()`); scale out of place otherwise so a retained graph can
+        # be differentiated twice without compounding.
+        if grad_loss.ne(1).item():
+            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+            grad_b = None if grad_b is None else grad_b * grad_loss.to(grad_b.dtype)
+        if grad_h is not None:
+            grad_h = grad_h.view(ctx.shape)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def fused_linear_distill_loss(student_hidden, student_weight, labels, *, teacher_logits=None,
+                              teacher_hidden=None, teacher_weight=None, student_bias=None,
+                              teacher_bias=None, alpha=0.5, temperature=1.0, ignore_index=-100,
+                              chunk_size=None):
+    """alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student), never materialising logits.
+
+    student_hidden: (N, H) or (B, T, H); student_weight: (V, H) (the lm_head); student_bias:
+    optional (V,) (BART's final_logits_bias). labels: (N,) or (B, T), ignore_index masks.
+    The teacher is either teacher_logits (N, V) / (B, T, V) or teacher_hidden (N, H_t) with
+    teacher_weight (V, H_t) and optional teacher_bias (V,); it never receives a gradient.
+    CE uses the T = 1 student logits; KL uses softmax(./T) of both. Both are means over
+    unmasked tokens (an all-masked batch gives 0 and zero gradients). Math in float32.
+    Returns (loss, ce, kl): loss carries the gradient; ce and kl are detached float32 scalars.
+    """
+    temperature = check_temperature(temperature)
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if (teacher_logits is None) == (teacher_hidden is None):
+        raise ValueError("give the teacher either as teacher_logits or as teacher_hidden + teacher_weight")
+    if teacher_hidden is not None and teacher_weight is None:
+        raise ValueError("teacher_hidden needs teacher_weight (the teacher's lm_head, (V, H_t))")
+    # The teacher is a constant here; detaching keeps autograd from tracking it at all.
+    teacher = [None if x is None else x.detach() for x in (teacher_logits, teacher_hidden,
+                                                           teacher_weight, teacher_bias)]
+    return FusedLinearDistill.apply(student_hidden, student_weight, student_bias, labels, *teacher,
+                                    alpha, temperature, ignore_index, chunk_size)

@@ -1,0 +1,97 @@
+"""chunked_kl_div: T^2 * KL(teacher || student) from logits, one block of tokens at a time.
+
+A plain `kl_div(log_softmax(s/T), log_softmax(t/T))` keeps three or four float32 (tokens x
+vocab) tensors alive through backward. Here the forward walks over row chunks with three
+float32 (chunk x vocab) scratch blocks and, when the student logits need a gradient, writes
+that gradient (in the logits' dtype) chunk by chunk during the forward pass: it is the only
+full-size tensor the loss allocates, and backward only scales it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._core import check_temperature, chunk_grad, chunk_step, default_chunk_size, flatten_rows
+
+
+def _valid_mask(labels, n_rows, ignore_index, device):
+    if labels is None:
+        return torch.ones(n_rows, 1, device=device)
+    lab = labels.reshape(-1)
+    if lab.numel() != n_rows:
+        raise ValueError(f"labels has {lab.numel()} positions, expected {n_rows} (one per logits row)")
+    return (lab != ignore_index).to(torch.float32).view(-1, 1)
+
+
+class ChunkedKLDiv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, temperature, ignore_index, chunk_size):
+        shape = student_logits.shape
+        s_all = flatten_rows(student_logits, "student_logits")
+        n_rows, vocab = s_all.shape
+        t_all = flatten_rows(teacher_logits, "teacher_logits", vocab)
+        if t_all.shape[0] != n_rows:
+            raise ValueError(
+                f"teacher_logits has {t_all.shape[0]} rows, student_logits {n_rows}: shapes must match"
+            )
+        inv_t = 1.0 / temperature
+        maskf = _valid_mask(labels, n_rows, ignore_index, s_all.device)
+        n_valid = int(maskf.sum().item())
+        c_kl = temperature / max(n_valid, 1)  # d(T^2 KL_mean)/ds = T (q - p) / n
+        need_grad = ctx.needs_input_grad[0]
+        chunk = int(chunk_size or default_chunk_size(vocab, n_rows))
+        if chunk < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunk = min(chunk, max(n_rows, 1))
+
+        f32 = dict(dtype=torch.float32, device=s_all.device)
+        # When the logits are float32 the gradient block itself serves as the student buffer.
+        grad = torch.empty_like(s_all) if need_grad else None
+        direct = need_grad and s_all.dtype == torch.float32
+        s_buf = None if direct else torch.empty(chunk, vocab, **f32)
+        t_buf = torch.empty(chunk, vocab, **f32)
+        u_buf = torch.empty(chunk, vocab, **f32)
+        total = torch.zeros((), dtype=torch.float64, device=s_all.device)
+        for i in range(0, n_rows, chunk):
+            j = min(i + chunk, n_rows)
+            r = j - i
+            s = grad[i:j] if direct else s_buf[:r]
+            t, u = t_buf[:r], u_buf[:r]
+            s.copy_(s_all[i:j])
+            t.copy_(t_all[i:j])
+            st = chunk_step(s, t, u, inv_t)
+            total += (st["kl"] * maskf[i:j]).sum()
+            if need_grad:
+                chunk_grad(s, u, st, maskf[i:j], 0.0, c_kl)
+                if not direct:
+                    grad[i:j].copy_(s)
+        loss = (total * (temperature**2 / max(n_valid, 1))).to(torch.float32)
+        if need_grad:
+            ctx.save_for_backward(grad)
+        ctx.shape = shape
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        # grad_out is 1 in the common `loss.backward()`; scale out of place otherwise so a
+        # retained graph can be differentiated twice.
+        if grad_out.ne(1).item():
+            grad = grad * grad_out.to(grad.dtype)
+        return grad.view(ctx.shape), None, None, None, None, None
+
+
+def chunked_kl_div(student_logits, teacher_logits, labels=None, *, temperature=1.0,
+                   ignore_index=-100, chunk_size=None):
+    """T^2 * mean over unmasked tokens of KL(softmax(teacher/T) || softmax(student/T)).
+
+    student_logits, teacher_logits: (N, V) or (B, T, V), any float dtype (they may differ).
+    labels: optional (N,) or (B, T); positions equal to ignore_index are left out of the mean.
+    Without labels every token counts. An all-masked batch gives 0 with a zero gradient.
+    Math is in float32; the gradient flows to student_logits only. Returns a float32 scalar.
+    chunk_size: rows per block (default: a few MB of float32 logits per block).
+    """
+    temperature = check_temperature(temperature)
+    if teacher_logits.requires_grad:
+        teacher_logits = teacher_logits.detach()  # never a gradient to the teacher
+    return ChunkedKLDiv.apply(student_logits, teacher_logits, labels, temperature, ignore_index, chunk_size)
