@@ -21,7 +21,6 @@ import threading
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Value, concatenate_datasets
 
 from distill.errors import UserError
@@ -58,7 +57,7 @@ def load_raw_splits(dataset: str | None, dataset_local_path: str | None, input_c
     for split, (ds, where) in raw.items():
         splits[split] = _drop_empty(ds, split, where, log)
     if "validation" not in splits:
-        splits.update(_split_off_validation(splits["train"], validation_ratio, seed, log))
+        splits.update(_split_off_validation(splits["train"], raw["train"][1], validation_ratio, seed, log))
     return DatasetDict({name: splits[name] for name in ("train", "validation", "test") if name in splits})
 
 
@@ -157,9 +156,11 @@ def _json_rows(path: str):
 def _is_complete_json(text: str) -> bool:
     try:
         json.loads(text)
-        return True
     except json.JSONDecodeError:
         return False
+    except (ValueError, RecursionError):
+        pass  # complete but unreadable: parsing it as a line reports it with its line number
+    return True
 
 
 def _parse_json_line(path: str, number: int, text: str):
@@ -168,6 +169,8 @@ def _parse_json_line(path: str, number: int, text: str):
     except json.JSONDecodeError as e:
         raise UserError(f"{path} line {number}: invalid JSON ({e.msg} at column {e.colno}); "
                         "fix or remove the line") from None
+    except (ValueError, RecursionError) as e:  # an integer over 4300 digits, nesting too deep
+        raise UserError(f"{path} line {number}: unreadable JSON ({_first_line(e)}); fix or remove the line") from None
 
 
 def _json_document(path: str, text: str):
@@ -176,6 +179,8 @@ def _json_document(path: str, text: str):
     except json.JSONDecodeError as e:
         raise UserError(f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
                         "fix the file or write it as JSON lines (one object per line)") from None
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: unreadable JSON ({_first_line(e)}); fix the file") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]  # the {"data": [...]} layout some exporters write
     elif isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
@@ -197,8 +202,8 @@ def _csv_rows(path: str, delimiter: str):
         if header is None:
             return
         for fields in reader:
-            if not any(f.strip() for f in fields):
-                continue  # blank line
+            if not fields:
+                continue  # an empty line; a line of spaces is a row and gets counted
             # A short row lacks the trailing columns; they count as missing, not as "".
             yield reader.line_num, dict(zip(header, fields))
     except csv.Error as e:
@@ -213,29 +218,17 @@ def _rows_to_dataset(rows, path: str, columns: dict, log) -> Dataset:
     total = missing = converted = 0
     for where, row in rows:
         if not isinstance(row, dict):
-            raise UserError(f"{path} {_at(where)}: expected an object with fields "
-                            f"{columns['source']!r} and {columns['target']!r}, found {type(row).__name__}; "
-                            "fix or remove it")
+            raise UserError(f"{path} {_at(where)}: expected an object with fields {columns['source']!r} and "
+                            f"{columns['target']!r}, found {type(row).__name__}; fix or remove it")
         total += 1
-        for key in row:
-            seen.setdefault(str(key), None)
-        values = {}
-        for role, name in columns.items():
-            value = _lookup(row, name)
-            if value is _MISSING:
-                break
-            if isinstance(value, (bool, int, float)):
-                value = None if isinstance(value, float) and math.isnan(value) else str(value)
-                converted += value is not None
-            elif value is not None and not isinstance(value, str):
-                raise UserError(f"{path} {_at(where)}: column {name!r} holds a {type(value).__name__}, expected "
-                                f"text; pick a text column with {_FLAGS[role]} (nested fields as a.b)")
-            values[role] = value
-        else:
-            out["source"].append(values["source"])
-            out["target"].append(values["target"])
+        seen.update(dict.fromkeys(map(str, row)))
+        values = {role: _text_value(_lookup(row, name), path, where, role, name) for role, name in columns.items()}
+        if _MISSING in values.values():
+            missing += 1
             continue
-        missing += 1
+        converted += sum(isinstance(v, _Converted) for v in values.values())
+        out["source"].append(values["source"])
+        out["target"].append(values["target"])
     if total and missing == total:
         for role, name in columns.items():
             if _lookup(dict.fromkeys(seen), name) is _MISSING:
@@ -246,6 +239,26 @@ def _rows_to_dataset(rows, path: str, columns: dict, log) -> Dataset:
     if converted:
         log(f"data: {path}: converted {converted} numeric values to text")
     return Dataset(pa.table({k: pa.array(v, type=pa.string()) for k, v in out.items()}))
+
+
+class _Converted(str):
+    """A number turned into text, marked so it can be counted."""
+
+
+def _text_value(value, path: str, where, role: str, name: str):
+    if value is _MISSING or value is None:
+        return value
+    if isinstance(value, (bool, int, float)):
+        return None if isinstance(value, float) and math.isnan(value) else _Converted(value)
+    if not isinstance(value, str):
+        raise UserError(f"{path} {_at(where)}: column {name!r} holds a {type(value).__name__}, expected "
+                        f"text; pick a text column with {_FLAGS[role]} (nested fields as a.b)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON "\ud800" escapes decode to lone surrogates, which are not text
+        raise UserError(f"{path} {_at(where)}: column {name!r} holds an unpaired surrogate escape "
+                        "(\\ud800-\\udfff), which is not valid Unicode; fix or remove the line") from None
+    return value
 
 
 _MISSING = object()
@@ -411,12 +424,10 @@ def _drop_empty(ds: Dataset, split: str, where: str, log) -> Dataset:
     """Drop rows where source or target is null or blank, log the count; refuse an empty result."""
     keep = []
     for batch in ds.with_format("arrow").iter(batch_size=_CHUNK_ROWS):
-        ok = None
-        for col in ("source", "target"):
-            text = batch.column(col)
-            filled = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(text, ""))), 0)
-            ok = filled if ok is None else pc.and_(ok, filled)
-        keep.append(np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool))
+        # str.strip, not an arrow kernel: "blank" should mean what str.isspace means to the user.
+        ok = [bool(s and s.strip() and t and t.strip())
+              for s, t in zip(batch.column("source").to_pylist(), batch.column("target").to_pylist())]
+        keep.append(np.asarray(ok, dtype=bool))
     mask = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
     dropped = int(len(mask) - mask.sum())
     if dropped:
@@ -429,10 +440,10 @@ def _drop_empty(ds: Dataset, split: str, where: str, log) -> Dataset:
     return ds
 
 
-def _split_off_validation(train: Dataset, ratio: float, seed: int, log) -> dict:
+def _split_off_validation(train: Dataset, where: str, ratio: float, seed: int, log) -> dict:
     n_val = max(1, round(len(train) * ratio))
     if len(train) < 2:
-        raise UserError(f"only {len(train)} train row, too few to split off a validation set; "
+        raise UserError(f"only {len(train)} usable train row in {where}, too few to split off a validation set; "
                         "add rows or provide a validation split (e.g. a validation.jsonl file)")
     parts = train.train_test_split(test_size=n_val, seed=seed, shuffle=True)
     log(f"data: no validation split; took {n_val} of {len(train)} train rows as validation (seed {seed})")
