@@ -48,23 +48,47 @@ def _resolve_device(device):
 
 
 def _load(path: str, role: str, device, trust_remote_code: bool):
-    """Model and its own tokenizer. On CPU everything runs in float32 (half precision is slow
-    or unsupported there); on CUDA each model keeps the dtype it was saved in, reported."""
+    """Model and its own tokenizer, through distill.models' loader: safetensors first, pickles
+    only with weights_only, no remote code unless asked, a fast one-line error for an
+    unreachable Hub id. On CPU everything runs in float32 (half precision is slow or missing
+    there); on CUDA each model keeps the dtype it was saved in, and the report shows it."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    dtype = torch.float32 if device.type == "cpu" else "auto"
+    # models._load is the house's one hub/folder loader; evaluate needs it without the
+    # trainer's --model-type check, so it calls the helper rather than load_teacher.
+    from distill.models import _load as load_pretrained
+
+    flag = f"--{role.split('_')[0]}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSeq2SeqLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # hub, IO and config errors all mean "cannot use this model"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        where = "folder" if os.path.isdir(path) else "folder or Hub model id"
-        raise UserError(f"could not load the {role} from {where} {path!r} ({reason}); "
-                        f"pass a folder saved with save_pretrained or a reachable Hub id") from None
+        model = load_pretrained(AutoModelForSeq2SeqLM.from_pretrained, path, role, flag,
+                                dtype=torch.float32 if device.type == "cpu" else "auto",
+                                weights_only=True, trust_remote_code=trust_remote_code)
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{role}'s tokenizer",
+                                    flag, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except Exception as exc:  # errors the loader does not translate (e.g. a corrupt safetensors)
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UserError(f"cannot load the {role} from {path!r}: {reason}; pass a folder written "
+                        f"by save_pretrained (config.json, model.safetensors, tokenizer)") from None
     # eval mode: dropout off, so outputs are deterministic and the same for every measurement
     return model.to(device).eval(), tokenizer
+
+
+def _check_folder(path: str, role: str) -> None:
+    """Fail before any loading when a model folder lacks its config or tokenizer. The tokenizer
+    check matters: transformers 5 quietly builds an empty tokenizer from config.json alone."""
+    if not os.path.isdir(path):
+        return  # a Hub id: the loader explains its own failures
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{role} folder {path!r} has no config.json; pass a folder written by "
+                        f"save_pretrained (config.json, model.safetensors, tokenizer files)")
+    if not any(os.path.isfile(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise UserError(f"{role} folder {path!r} has no tokenizer (tokenizer.json or "
+                        f"tokenizer_config.json); each model is fed by its own tokenizer, so save "
+                        f"it there with tokenizer.save_pretrained")
 
 
 def _size_on_disk(path: str) -> int | None:
@@ -131,6 +155,8 @@ def run_report(teacher: str, students: list[str], sources: list[str], references
                             f"exported (it holds config.json and the weights)")
     if teacher.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(teacher)):
         raise UserError(f"teacher folder {teacher!r} not found; pass a model folder or a Hub id")
+    for role, path in [("teacher", teacher)] + [("student", s) for s in students]:
+        _check_folder(os.path.expanduser(path), role)
     if not sources:
         raise UserError("no evaluation samples; the evaluation split is empty")
     if len(sources) != len(references):

@@ -110,12 +110,26 @@ def test_bad_input_raises_before_writing(models, tmp_path, change, message):
     assert not out.exists()
 
 
-def test_unloadable_student_folder(models, tmp_path):
-    teacher, _, _ = models
+def test_unusable_student_folders(models, tmp_path):
+    teacher, student, _ = models
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UserError, match="could not load the student"):
+    with pytest.raises(UserError, match="has no config.json"):
         run_report(teacher, [str(empty)], TEXTS[:2], TEXTS[:2], str(tmp_path / "o"), **FAST)
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes(open(os.path.join(student, name), "rb").read())
+    with pytest.raises(UserError, match="has no tokenizer"):
+        run_report(teacher, [str(no_tokenizer)], TEXTS[:2], TEXTS[:2], str(tmp_path / "o"), **FAST)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes(open(os.path.join(student, name), "rb").read())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="cannot load the student"):
+        run_report(teacher, [str(broken)], TEXTS[:2], TEXTS[:2], str(tmp_path / "o"), **FAST)
+    assert not (tmp_path / "o").exists()
 
 
 def _jsonl(path, rows):
