@@ -23,6 +23,7 @@ How things are measured (also written into every report, so a reader needs no so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -128,6 +129,17 @@ def _predict(entry, sources, *, prefix, max_source_length, max_new_tokens, batch
 
 # ---------------------------------------------------------------- the report
 
+@contextlib.contextmanager
+def _out_of_memory_is_user_error(batch_size):
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory generating batches of {batch_size}; pass a smaller "
+                        f"--batch-size (or --max-source-length / --max-new-tokens)") from None
+
+
 def _ratio(num, den):
     return num / den if num is not None and den else None
 
@@ -150,7 +162,7 @@ def run_report(teacher: str, students: list[str], sources: list[str], references
     if not students:
         raise UserError("no student given; pass at least one --student folder")
     for path in students:
-        if not os.path.isdir(path):
+        if not os.path.isdir(os.path.expanduser(path)):
             raise UserError(f"student folder {path!r} not found; pass the folder the trainer "
                             f"exported (it holds config.json and the weights)")
     if teacher.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(teacher)):
@@ -181,7 +193,7 @@ def run_report(teacher: str, students: list[str], sources: list[str], references
 
     models = {}
     predictions = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), _out_of_memory_is_user_error(batch_size):
         for e in entries:
             log(f"evaluate: {e['name']} greedy outputs for {len(sources)} samples")
             predictions[e["name"]] = _predict(

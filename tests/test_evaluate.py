@@ -186,3 +186,16 @@ def test_cli_bad_input_returns_2(models, tmp_path, capsys, extra, message):
 def test_cli_usage_error_returns_2(capsys):
     assert main(["--teacher", "x"]) == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_out_of_memory_becomes_user_error(models, tmp_path, monkeypatch):
+    import distill.evaluate as evaluate
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(evaluate, "generate", oom)
+    teacher, student, _ = models
+    with pytest.raises(UserError, match="smaller --batch-size"):
+        run_report(teacher, [student], TEXTS[:2], TEXTS[:2], str(tmp_path / "o"), **FAST)
+    assert not (tmp_path / "o").exists()
