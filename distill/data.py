@@ -47,6 +47,8 @@ def load_raw_splits(dataset: str | None, dataset_local_path: str | None, input_c
         raise UserError(f"validation ratio {validation_ratio} is outside (0, 1); pass e.g. 0.05")
     columns = {"source": input_column, "target": target_column}
     if _is_set(dataset_local_path):
+        if _is_set(dataset):
+            log(f"data: --dataset-local-path {dataset_local_path} is used; --dataset {dataset} is ignored")
         raw = _load_local(os.path.expanduser(str(dataset_local_path)), columns, log)
     elif _is_set(dataset):
         raw = _load_hub(str(dataset).strip(), columns, trust_remote_code, log)
@@ -183,9 +185,6 @@ def _json_document(path: str, text: str):
         raise UserError(f"{path}: unreadable JSON ({_first_line(e)}); fix the file") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]  # the {"data": [...]} layout some exporters write
-    elif isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
-        n = max(len(v) for v in doc.values())  # column layout {"col": [...], ...}
-        doc = [{k: v[i] for k, v in doc.items() if i < len(v)} for i in range(n)]
     if not isinstance(doc, list):
         doc = [doc]
     # A single document has no per-row line numbers; name the row instead.
@@ -196,19 +195,24 @@ def _csv_rows(path: str, delimiter: str):
     # 1 MB fields must load; the csv module's default limit is 128 KiB.
     csv.field_size_limit(2**31 - 1)
     lines = (text for _, text in _decoded_lines(path))
-    reader = csv.reader(lines, delimiter=delimiter)
+    # strict: a stray opening quote stops the load instead of silently swallowing the lines after it.
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
+    start = 1
     try:
         header = next(reader, None)
-        if header is None:
-            return
-        for fields in reader:
-            if not fields:
-                continue  # an empty line; a line of spaces is a row and gets counted
-            # A short row lacks the trailing columns; they count as missing, not as "".
-            yield reader.line_num, dict(zip(header, fields))
+        while header is not None:
+            start = reader.line_num + 1
+            fields = next(reader, None)
+            if fields is None:
+                return
+            if fields:  # skip empty lines; a line of spaces is a row and gets counted
+                # A short row lacks its trailing columns: they are missing (counted), not "".
+                yield start, {**dict.fromkeys(header, _MISSING), **dict(zip(header, fields))}
     except csv.Error as e:
-        raise UserError(f"{path} line {reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} "
-                        f"({e}); fix or remove the line") from None
+        lines_at = f"line {start}" if reader.line_num <= start else f"lines {start}-{reader.line_num}"
+        raise UserError(f"{path} {lines_at}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e}); "
+                        'a field that starts with a double quote must end with one ("" inside); '
+                        "fix or remove the line") from None
 
 
 def _rows_to_dataset(rows, path: str, columns: dict, log) -> Dataset:
@@ -354,12 +358,9 @@ def _load_hub(dataset: str, columns: dict, trust_remote_code: bool, log) -> dict
 
 
 def _hub_unreachable(name: str) -> str | None:
-    """Why the Hub cannot be reached, or None; bounded so an offline run fails in seconds.
-
-    Without this, load_dataset retries an unreachable Hub for 20-50 s per file before failing.
-    The probe uses huggingface_hub's own session (its proxies, endpoint and certificates) and runs
-    in a daemon thread so even a hanging DNS lookup cannot stall the run past the timeout.
-    """
+    """Why the Hub cannot be reached, or None. Without this probe load_dataset retries an
+    unreachable Hub for 20-50 s; the probe uses huggingface_hub's own session (its proxies, endpoint,
+    certificates) in a daemon thread, so even a hanging DNS lookup cannot stall past the timeout."""
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 

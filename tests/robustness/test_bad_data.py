@@ -118,6 +118,19 @@ def test_csv_tsv_any_unicode_round_trips(tmp_path, cells, delimiter):
 
 
 @SETTINGS
+@given(lines=st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=15), max_size=10),
+       fmt=st.sampled_from(["csv", "tsv", "jsonl", "json"]))
+def test_raw_junk_lines_never_crash(tmp_path, lines, fmt):
+    # Hand-written files: stray quotes, ragged rows, junk. Loaded rows are clean text; errors are one line.
+    path = tmp_path / f"data.{fmt}"
+    header = {"csv": "src,tgt", "tsv": "src\ttgt"}.get(fmt)
+    path.write_text("\n".join(([header] if header else []) + lines) + "\n", encoding="utf-8")
+    dd, error, _ = load(path)
+    if error is None:
+        assert all(s.strip() for split in dd.values() for col in ("source", "target") for s in split[col])
+
+
+@SETTINGS
 @given(n_lines=st.integers(2, 8), bad_line=st.data(),
        garbage=st.sampled_from([b"\xff", b"\xc3\x28", b"\xe2\x82", b"\xed\xa0\x80", b"\x80abc"]),
        fmt=st.sampled_from(["jsonl", "csv", "tsv"]))
@@ -211,6 +224,17 @@ def test_short_csv_rows_are_counted_and_bom_is_ignored(tmp_path):
 ])
 def test_odd_json_is_a_user_error(tmp_path, text, expected):
     path = tmp_path / "data.jsonl"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_raw_splits(None, str(path), "src", "tgt", log=lambda _: None)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('src\ttgt\n"quoted start\tx\nplain\ty\nz\tw\n', "data.tsv lines 2-4: malformed TSV"),
+    ('src\ttgt\na\tb\n"Hello" she said\tx\n', "data.tsv line 3: malformed TSV"),
+])
+def test_stray_quote_in_tsv_stops_with_lines(tmp_path, text, expected):
+    path = tmp_path / "data.tsv"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(UserError, match=re.escape(expected)):
         load_raw_splits(None, str(path), "src", "tgt", log=lambda _: None)
