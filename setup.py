@@ -11,6 +11,7 @@ setup(
         "transformers>=5.0,<6",
         "datasets>=3.0",
         "deepspeed>=0.16",
+        "accelerate>=1.1",
         "safetensors>=0.4",
         "numpy>=1.26",
         "tokenizers>=0.20",

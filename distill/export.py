@@ -1,0 +1,92 @@
+"""The exported student: a normal Hugging Face folder plus what the run used and measured.
+
+<output_dir>/
+  model.safetensors, config.json, generation_config.json    from save_pretrained (safetensors)
+  tokenizer files                                           the tokenizer the student was trained with
+  distill_config.json                                       every option, resolved
+  metrics.json                                              losses, steps, tokens/s, samples seen
+  README.md                                                 model card
+Secrets never leave the machine in these files: values that look like tokens, or that equal an
+environment variable whose name says TOKEN/KEY/SECRET/PASSWORD, are redacted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
+_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b|\b(?:sk|ghp|gho|xox[abp])-?[A-Za-z0-9_]{20,}\b")
+REDACTED = "<redacted>"
+
+
+def _secret_values() -> list[str]:
+    return sorted({v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6},
+                  key=len, reverse=True)
+
+
+def redact(value: Any, secrets: list[str] | None = None) -> Any:
+    """Recursively replace secret-looking substrings in strings of a JSON-like value."""
+    secrets = _secret_values() if secrets is None else secrets
+    if isinstance(value, str):
+        for s in secrets:
+            value = value.replace(s, REDACTED)
+        return _SECRET_VALUE.sub(REDACTED, value)
+    if isinstance(value, dict):
+        return {k: redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value]
+    return value
+
+
+def write_json(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(redact(data), fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def model_card(cfg, info: dict[str, Any], metrics: dict[str, Any]) -> str:
+    teacher = cfg.teacher_local_path or cfg.teacher
+    data = cfg.dataset_local_path or cfg.dataset
+    last = next((h for h in reversed(metrics.get("history", [])) if "loss" in h), {})
+    ev = metrics.get("final_eval", {})
+    lines = [
+        "---", "library_name: transformers", "tags: [seq2seq, distillation, seq2seq-distill]", "---", "",
+        f"# Distilled {cfg.model_type} student", "",
+        f"Distilled with seq2seq-distill from teacher `{teacher}` on `{data}` "
+        f"(`{cfg.input_column}` -> `{cfg.target_column}`).", "",
+        "| | teacher | student |", "|---|---|---|",
+        f"| parameters | {info.get('teacher_params', 0):,} | {info.get('student_params', 0):,} |",
+        f"| encoder layers | {info.get('teacher_encoder_layers', '?')} | {info.get('student_encoder_layers', '?')} |",
+        f"| decoder layers | {info.get('teacher_decoder_layers', '?')} | {info.get('student_decoder_layers', '?')} |",
+        f"| hidden size | {info.get('teacher_hidden', '?')} | {info.get('student_hidden', '?')} |", "",
+        f"Initialisation: {info.get('init', '?')}"
+        + (f" (encoder layers {info.get('encoder_layers_copied')}, decoder layers "
+           f"{info.get('decoder_layers_copied')} copied from the teacher)" if info.get("init") == "teacher" else ""), "",
+        f"Objective: {cfg.alpha} * CE + {1 - cfg.alpha:g} * T^2 * KL(teacher || student), T = {cfg.temperature}, "
+        f"loss implementation `{cfg.loss_impl}`.", "",
+        f"Training: {metrics.get('steps', 0)} steps, {metrics.get('samples_seen', 0):,} samples, "
+        f"{metrics.get('tokens_seen', 0):,} target tokens, learning rate {cfg.learning_rate}, seed {cfg.seed}.", "",
+        f"Final train loss {last.get('loss', float('nan')):.4f} (CE {last.get('ce', float('nan')):.4f}, "
+        f"KL {last.get('kl', float('nan')):.4f}); validation loss {ev.get('eval_loss', float('nan')):.4f} "
+        f"(CE {ev.get('eval_ce', float('nan')):.4f}, KL {ev.get('eval_kl', float('nan')):.4f}).", "",
+        "```python", "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+        "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForSeq2SeqLM.from_pretrained(PATH)", "```", "",
+        "`distill_config.json` holds every option of the run; `metrics.json` the losses and throughput.",
+    ]
+    return redact("\n".join(lines) + "\n")
+
+
+def export_student(student, tokenizer, cfg, info: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """Rank 0 only. ZeRO-2 keeps full parameters on every rank, so no gathering is needed."""
+    out = cfg.output_dir
+    os.makedirs(out, exist_ok=True)
+    student.save_pretrained(out)  # transformers 5 always writes safetensors
+    tokenizer.save_pretrained(out)
+    write_json(os.path.join(out, "distill_config.json"), cfg.to_dict())
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as fh:
+        fh.write(model_card(cfg, info, metrics))
+    return out

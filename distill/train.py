@@ -1,0 +1,218 @@
+"""Entry point: argv -> DistillConfig -> teacher, student, data -> DeepSpeed engines -> loop -> export.
+
+Launch it any of these ways (the same code runs in every rank):
+    python main.py ...                                     one process
+    torchrun --nproc_per_node=N main.py ...                N ranks, torchrun's environment
+    deepspeed --num_gpus N distill/train.py --deepspeed ds_configs/zero2.json ...
+`main(argv=None) -> int` never lets a UserError become a traceback: it prints one line
+`error: ...` and returns 2 (house rule 1). Every check that can fail on user input runs before
+anything is written to --output-dir.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+if __package__ in (None, ""):  # `deepspeed distill/train.py` runs this file as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distill.config import DistillConfig, parse_args  # noqa: E402
+from distill.errors import UserError  # noqa: E402
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 3
+
+
+class Logger:
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, message: str, all_ranks: bool = False) -> None:
+        if self.rank == 0 and not all_ranks:
+            print(message, flush=True)
+        elif all_ranks:
+            prefix = f"[rank {self.rank}] " if self.world_size > 1 else ""
+            print(prefix + message, flush=True)
+
+
+def check_output_dir(cfg: DistillConfig) -> None:
+    out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output-dir {out!r} is a file; pass a folder path")
+    if os.path.isdir(out) and os.listdir(out) and not (cfg.overwrite_output_dir or cfg.resume or cfg.resume_from):
+        raise UserError(f"--output-dir {out!r} is not empty; pass --overwrite-output-dir to replace its "
+                        "files, --resume to continue the run in it, or choose another folder")
+    if cfg.resume_from and not os.path.isdir(cfg.resume_from):
+        raise UserError(f"--resume-from {cfg.resume_from!r} does not exist; pass a checkpoint folder "
+                        "(e.g. OUTPUT_DIR/checkpoints/step-000100)")
+
+
+def _take(ds, n):
+    return ds.select(range(min(n, len(ds)))) if n is not None else ds
+
+
+def prepare(cfg: DistillConfig, log):
+    """Everything that reads user input and can fail, before any engine or file exists."""
+    from distill import data, models
+
+    source = models.resolve_source(cfg.teacher, cfg.teacher_local_path, "teacher")
+    tokenizer = models.load_tokenizer(source, cfg.custom_tokenizer_local_path,
+                                      trust_remote_code=cfg.trust_remote_code)
+    teacher_config = models.load_teacher_config(source, cfg.model_type, trust_remote_code=cfg.trust_remote_code)
+    student_cfg = models.student_config(teacher_config, num_encoder_layers=cfg.num_encoder_layers,
+                                        num_decoder_layers=cfg.num_decoder_layers,
+                                        hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size)
+    models.check_vocab(tokenizer, teacher_config, student_cfg, cfg.alpha)
+    raw = data.load_raw_splits(cfg.dataset, cfg.dataset_local_path, cfg.input_column, cfg.target_column,
+                               validation_ratio=cfg.validation_ratio, seed=cfg.seed,
+                               trust_remote_code=cfg.trust_remote_code, log=log)
+    raw["train"] = _take(raw["train"], cfg.max_train_samples)
+    raw["validation"] = _take(raw["validation"], cfg.max_eval_samples)
+    tokenized = data.tokenize_splits(raw, tokenizer, max_source_length=cfg.max_source_length,
+                                     max_target_length=cfg.max_target_length,
+                                     source_prefix=cfg.source_prefix, log=log)
+    return source, tokenizer, teacher_config, raw, tokenized
+
+
+def loaders(cfg, tokenized, tokenizer, rank, world_size, grad_accum):
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from distill.data import Seq2SeqCollator
+
+    collate = Seq2SeqCollator(tokenizer)
+    train = tokenized["train"]
+    sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    train_loader = DataLoader(train, batch_size=cfg.per_device_batch_size, sampler=sampler,
+                              collate_fn=collate, drop_last=True)
+    steps_per_epoch = len(train_loader) // grad_accum
+    if steps_per_epoch < 1:
+        raise UserError(f"{len(train)} training rows are fewer than one global batch "
+                        f"({cfg.per_device_batch_size} x {grad_accum} x {world_size} ranks); use more data "
+                        "or a smaller --per-device-batch-size / --global-batch-size")
+    val = tokenized["validation"]
+    # No shuffle and no drop: every validation row counts once per rank's shard (the sampler pads
+    # the last shard by repeating rows, a negligible bias on the logged eval loss).
+    eval_sampler = DistributedSampler(val, num_replicas=world_size, rank=rank, shuffle=False)
+    eval_loader = DataLoader(val, batch_size=cfg.per_device_batch_size, sampler=eval_sampler, collate_fn=collate)
+    return train_loader, sampler, eval_loader, steps_per_epoch
+
+
+def run(cfg: DistillConfig) -> int:
+    import torch
+
+    from distill import checkpoint, models
+    from distill.distributed import init_distributed
+    from distill.engine import Distiller, make_tensor_getter
+    from distill.export import export_student
+
+    check_output_dir(cfg)
+    rank, world_size, local_rank = init_distributed()
+    log = Logger(rank, world_size)
+    torch.manual_seed(cfg.seed)
+    distiller = Distiller(cfg, rank=rank, world_size=world_size, local_rank=local_rank, log=log)
+    source, tokenizer, teacher_config, raw, tokenized = prepare(cfg, log)
+    train_loader, sampler, eval_loader, steps_per_epoch = loaders(
+        cfg, tokenized, tokenizer, rank, world_size, distiller.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+
+    resume_path = cfg.resume_from or (checkpoint.latest_checkpoint(cfg.output_dir) if cfg.resume else None)
+    if cfg.resume and resume_path is None:
+        log(f"--resume: no complete checkpoint in {cfg.output_dir}; starting from scratch")
+
+    teacher = distiller.load_teacher(source)
+    distiller._hf_ds_config = None  # the student must not be built partitioned (ZeRO-3 switch off)
+    torch.manual_seed(cfg.seed)
+    student, info = models.build_student(
+        teacher_config, make_tensor_getter(teacher), num_encoder_layers=cfg.num_encoder_layers,
+        num_decoder_layers=cfg.num_decoder_layers, hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size, log=log)
+    info.update(_shape_info(teacher_config, student.config))
+    distiller.build_engines(teacher, student, steps_per_epoch, total_steps)
+
+    start_step, state = 0, {}
+    if resume_path:
+        state = checkpoint.load(distiller.student, resume_path)
+        start_step = int(state.pop("step"))
+        state.pop("epoch", None)
+        state.pop("world_size", None)
+        log(f"resumed from {resume_path} at step {start_step}")
+    distiller.install_signal_handlers()
+    result = distiller.train(train_loader, sampler, eval_loader, start_step=start_step, state=state)
+    if result["interrupted"]:
+        log(f"interrupted at step {result['step']}; checkpoint saved. Resume with the same command plus "
+            f"--resume (output dir {cfg.output_dir})", all_ranks=False)
+        return EXIT_INTERRUPTED
+    final_eval = distiller.evaluate(eval_loader)
+    log(f"final eval loss {final_eval['eval_loss']:.4f} (ce {final_eval['eval_ce']:.4f}, kl {final_eval['eval_kl']:.4f})")
+    metrics = {
+        "steps": result["step"], "samples_seen": result["counters"]["samples"],
+        "tokens_seen": result["counters"]["tokens"], "bad_steps": result["counters"]["bad_steps"],
+        "train_seconds": result.get("train_seconds"), "train_tokens_per_s": result.get("train_tokens_per_s"),
+        "final_eval": final_eval, "history": result["history"], "world_size": world_size,
+        "precision": distiller.prec, "optimizer": distiller.optimizer_name,
+        "teacher_zero_stage": distiller.teacher_stage, "teacher_memory_rank0": distiller.teacher_memory,
+        "student": info,
+    }
+    if rank == 0:
+        export_student(distiller.student.module.model, tokenizer, cfg, info, metrics)
+        log(f"student written to {cfg.output_dir}")
+        if not cfg.skip_report:
+            _report(cfg, source, raw, log)
+    _barrier()
+    return 0
+
+
+def _barrier():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _shape_info(teacher_config, student_config) -> dict:
+    def counts(c):
+        enc = getattr(c, "encoder_layers", None) or getattr(c, "num_layers", None)
+        dec = getattr(c, "decoder_layers", None) or getattr(c, "num_decoder_layers", None)
+        return enc, dec, getattr(c, "d_model", None)
+
+    te, td, th = counts(teacher_config)
+    se, sd, sh = counts(student_config)
+    return {"teacher_encoder_layers": te, "teacher_decoder_layers": td, "teacher_hidden": th,
+            "student_encoder_layers": se, "student_decoder_layers": sd, "student_hidden": sh}
+
+
+def _report(cfg, teacher_source, raw, log) -> None:
+    from distill.evaluate import format_table, run_report
+
+    split = "test" if "test" in raw else "validation"
+    rows = raw[split].select(range(min(cfg.report_samples, len(raw[split]))))
+    log(f"report: teacher vs student on {len(rows)} {split} rows")
+    report = run_report(teacher_source, [cfg.output_dir], list(rows["source"]), list(rows["target"]),
+                        os.path.join(cfg.output_dir, "report"), source_prefix=cfg.source_prefix,
+                        max_source_length=cfg.max_source_length, max_new_tokens=cfg.max_target_length,
+                        trust_remote_code=cfg.trust_remote_code, log=log)
+    log(format_table(report))
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    try:
+        return run(cfg)
+    except UserError as exc:
+        # All ranks print it: the failing rank may not be rank 0 (house rule 3).
+        rank = os.environ.get("RANK", "0")
+        prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
