@@ -482,21 +482,28 @@ def tokenize_splits(splits: DatasetDict, tokenizer, *, max_source_length: int, m
 def _encode(tokenizer, texts: list[str], max_length: int, how: dict):
     """Encode with truncation and count the texts that were cut.
 
-    Encoding without truncation first is the only exact count (a result of exactly max_length
-    tokens may or may not have been cut); the few long texts are then encoded again, truncated,
-    so the special tokens (</s>) stay where the tokenizer puts them.
+    A result of exactly max_length tokens may or may not have been cut, so the count needs more
+    than the truncated encoding. Fast tokenizers say it in the same pass (overflowing pieces, of
+    which the first is exactly the truncated encoding, special tokens included); others encode
+    without truncation first and encode the long texts again, truncated.
     """
     key = "text_target" if how.get("is_target") else "text"
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(**{key: texts}, truncation=True, max_length=max_length, stride=0,
+                        return_overflowing_tokens=True)
+        sample = enc["overflow_to_sample_mapping"]  # piece -> text, pieces of a text adjacent
+        first = [i for i in range(len(sample)) if i == 0 or sample[i] != sample[i - 1]]
+        cut = sum(1 for j, i in enumerate(first) if (first[j + 1] if j + 1 < len(first) else len(sample)) > i + 1)
+        return {k: [enc[k][i] for i in first] for k in ("input_ids", "attention_mask")}, cut
     full = tokenizer(**{key: texts}, truncation=False, verbose=False)
     long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
+    out = {k: list(full[k]) for k in ("input_ids", "attention_mask")}
     if long:
-        cut = tokenizer(**{key: [texts[i] for i in long]}, truncation=True, max_length=max_length)
-        for name in full.keys():
-            values = list(full[name])
+        short = tokenizer(**{key: [texts[i] for i in long]}, truncation=True, max_length=max_length)
+        for k in out:
             for j, i in enumerate(long):
-                values[i] = cut[name][j]
-            full[name] = values
-    return {"input_ids": full["input_ids"], "attention_mask": full["attention_mask"]}, len(long)
+                out[k][i] = short[k][j]
+    return out, len(long)
 
 
 class Seq2SeqCollator:

@@ -280,3 +280,26 @@ def test_collator_pads_with_pad_id_zero_and_minus_100(tokenizer):
     batch = Seq2SeqCollator(tokenizer, pad_to_multiple_of=8)(features)
     assert batch["input_ids"].shape == (2, 8) and batch["labels"].shape == (2, 8)
     assert batch["labels"][0, 2:].eq(-100).all()
+
+
+class _NotFast:
+    """The toy tokenizer seen as a slow one, to run the two-pass truncation count."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+
+def test_truncation_count_same_for_slow_tokenizers(tokenizer):
+    texts = [r["article"] for r in ROWS[:8]] + [" ".join(["article number"] * 40)] * 3
+    dd = DatasetDict({"train": Dataset.from_dict({"source": texts, "target": texts[::-1]})})
+    fast_log, slow_log = [], []
+    fast = tokenize_splits(dd, tokenizer, max_source_length=12, max_target_length=12, log=fast_log.append)
+    slow = tokenize_splits(dd, _NotFast(tokenizer), max_source_length=12, max_target_length=12,
+                           log=slow_log.append)
+    assert fast["train"][:] == slow["train"][:] and fast_log == slow_log
+    assert "truncated 0 of" not in fast_log[0]
