@@ -27,8 +27,9 @@ def reference_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.
                    ignore_index: int = IGNORE_INDEX):
     """Plain-torch objective on full logits (B, T, V) or (N, V). Returns (loss, ce, kl).
 
-    ce and kl are float32 scalars; kl is already multiplied by T^2. With alpha == 1 the teacher
-    may be None and kl is 0.
+    ce and kl are detached float32 scalars for logging; kl is the plain KL(teacher || student) at
+    temperature T, without the T^2 factor (so it stays comparable across temperatures), while
+    loss uses T^2 * kl. With alpha == 1 the teacher may be None and kl is 0.
     """
     v = student_logits.size(-1)
     s = student_logits.reshape(-1, v).float()
@@ -48,8 +49,8 @@ def reference_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.
         # KL(teacher || student), the forward KL of Hinton et al.; the T^2 factor keeps the soft
         # term's gradient scale independent of T.
         per_token = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
-        kl = (per_token * mask).sum() / denom * temperature ** 2
-    loss = alpha * ce + (1.0 - alpha) * kl
+        kl = (per_token * mask).sum() / denom
+    loss = alpha * ce + (1.0 - alpha) * temperature ** 2 * kl
     return loss, ce.detach(), kl.detach()
 
 
@@ -98,17 +99,19 @@ class Objective:
     impl: str = "fused"
 
     def __call__(self, student_hidden, student_head, labels, teacher_hidden=None, teacher_head=None):
-        """Returns (loss, ce, kl) for one micro-batch. `*_head` = (weight, bias) from lm_head_of."""
+        """Returns (loss, ce, kl) for one micro-batch. `*_head` = (weight, bias) from lm_head_of.
+
+        ce and kl are detached, for logging; kl is without the T^2 factor (see reference_loss)."""
         import kernels
 
         s_w, s_b = student_head
         needs_teacher = self.alpha < 1.0
-        if self.impl == "fused":
-            t_w, t_b = teacher_head if needs_teacher else (None, None)
+        if self.impl == "fused" and needs_teacher:
+            t_w, t_b = teacher_head
             return kernels.fused_linear_distill_loss(
-                student_hidden, s_w, labels, teacher_hidden=teacher_hidden if needs_teacher else None,
-                teacher_weight=t_w, student_bias=s_b, teacher_bias=t_b, alpha=self.alpha,
-                temperature=self.temperature, ignore_index=IGNORE_INDEX)
+                student_hidden, s_w, labels, teacher_hidden=teacher_hidden, teacher_weight=t_w,
+                student_bias=s_b, teacher_bias=t_b, alpha=self.alpha, temperature=self.temperature,
+                ignore_index=IGNORE_INDEX)
         student_logits = F.linear(student_hidden, s_w, s_b)
         teacher_logits = None
         if needs_teacher:
@@ -124,8 +127,10 @@ class Objective:
         n = (y != IGNORE_INDEX).sum().clamp(min=1)
         ce = F.cross_entropy(student_logits.reshape(-1, v).float(), y, ignore_index=IGNORE_INDEX,
                              reduction="sum") / n
-        kl = (kernels.chunked_kl_div(student_logits, teacher_logits, labels, temperature=self.temperature,
-                                     ignore_index=IGNORE_INDEX)
-              if needs_teacher else ce.new_zeros(()))
-        loss = self.alpha * ce + (1.0 - self.alpha) * kl
+        # chunked_kl_div returns T^2 * KL, the term that enters the loss.
+        kl_term = (kernels.chunked_kl_div(student_logits, teacher_logits, labels, temperature=self.temperature,
+                                          ignore_index=IGNORE_INDEX)
+                   if needs_teacher else ce.new_zeros(()))
+        loss = self.alpha * ce + (1.0 - self.alpha) * kl_term
+        kl = kl_term / self.temperature ** 2
         return loss, ce.detach(), kl.detach()

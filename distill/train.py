@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # `deepspeed distill/train.py` runs this file as 
 
 from distill.config import DistillConfig, parse_args  # noqa: E402
 from distill.errors import UserError  # noqa: E402
+from distill.guard import is_lock_file, output_dir_lock  # noqa: E402
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 3
@@ -40,7 +41,9 @@ def check_output_dir(cfg: DistillConfig) -> None:
     out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output-dir {out!r} is a file; pass a folder path")
-    if os.path.isdir(out) and os.listdir(out) and not (cfg.overwrite_output_dir or cfg.resume or cfg.resume_from):
+    # guard: our own lock file (taken just before this check) does not make the folder "not empty"
+    if os.path.isdir(out) and [n for n in os.listdir(out) if not is_lock_file(n)] and not (
+            cfg.overwrite_output_dir or cfg.resume or cfg.resume_from):
         raise UserError(f"--output-dir {out!r} is not empty; pass --overwrite-output-dir to replace its "
                         "files, --resume to continue the run in it, or choose another folder")
     if cfg.resume_from and not os.path.isdir(cfg.resume_from):
@@ -57,9 +60,10 @@ def prepare(cfg: DistillConfig, log):
     from distill import data, models
 
     source = models.resolve_source(cfg.teacher, cfg.teacher_local_path, "teacher")
+    # The teacher's config first: an unreachable hub teacher is then reported as the teacher.
+    teacher_config = models.load_teacher_config(source, cfg.model_type, trust_remote_code=cfg.trust_remote_code)
     tokenizer = models.load_tokenizer(source, cfg.custom_tokenizer_local_path,
                                       trust_remote_code=cfg.trust_remote_code)
-    teacher_config = models.load_teacher_config(source, cfg.model_type, trust_remote_code=cfg.trust_remote_code)
     student_cfg = models.student_config(teacher_config, num_encoder_layers=cfg.num_encoder_layers,
                                         num_decoder_layers=cfg.num_decoder_layers,
                                         hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size)
@@ -205,7 +209,9 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     try:
-        return run(cfg)
+        # guard: one run per --output-dir; refused before this run writes anything
+        with output_dir_lock(cfg.output_dir):
+            return run(cfg)
     except UserError as exc:
         # All ranks print it: the failing rank may not be rank 0 (house rule 3).
         rank = os.environ.get("RANK", "0")

@@ -1,0 +1,220 @@
+"""End to end through `distill.train.main`, one test per seed command, plus bad input.
+
+Hub names are monkeypatched to the local tiny teachers/datasets (the Hub is not reachable here);
+everything else is the real path: config -> tokenizer/teacher/student -> data -> DeepSpeed engines
+(one CPU rank) -> loop -> export. The student must reload with from_pretrained and generate.
+"""
+import json
+import os
+
+import pytest
+
+from distill import models
+from distill.train import main
+
+FAST = ["--max-steps", "6", "--per-device-batch-size", "8", "--skip-report", "--logging-steps", "2",
+        "--max-source-length", "32", "--max-target-length", "16"]
+
+
+@pytest.fixture
+def hub(monkeypatch, workspace):
+    """Map the seed commands' hub names to the local stand-ins."""
+    import datasets
+
+    names = {"facebook/bart-base": workspace["bart"], "t5-base": workspace["t5"]}
+    real_resolve = models.resolve_source
+    monkeypatch.setattr(models, "resolve_source",
+                        lambda hub_name, local, what: real_resolve(None, local or names[hub_name], what))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+    real_load = datasets.load_dataset
+
+    def load_dataset(name, config=None, **kwargs):
+        assert name in ("cnn_dailymail", "samsum"), name
+        files = {s: os.path.join(workspace["data"], f"{s}.jsonl") for s in ("train", "validation", "test")}
+        return real_load("json", data_files=files)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return names
+
+
+def _vocab(teacher_dir) -> str:
+    return str(json.load(open(os.path.join(teacher_dir, "config.json")))["vocab_size"])
+
+
+def _check_output(out):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    for name in ("model.safetensors", "config.json", "generation_config.json", "distill_config.json",
+                 "metrics.json", "README.md"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert not any(f.endswith(".bin") for f in os.listdir(out))
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    losses = [h["loss"] for h in metrics["history"] if "loss" in h]
+    assert metrics["steps"] == 6 and len(losses) == 3 and metrics["samples_seen"] == 48
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    enc = tok(["the cat sat on the mat"], return_tensors="pt")
+    generated = model.generate(**enc, max_new_tokens=5)
+    assert generated.shape[0] == 1 and generated.shape[1] >= 2
+    return metrics, model
+
+
+def test_seed_command_bart_hub_names(hub, workspace, tmp_path):
+    out = str(tmp_path / "distilled_model")
+    rc = main(["--model-type", "bart", "--teacher", "facebook/bart-base", "--num-encoder-layers", "3",
+               "--num-decoder-layers", "3", "--hidden-dim", "32", "--vocab-size", _vocab(workspace["bart"]), "--dataset",
+               "cnn_dailymail", "--dataset-input-column", "article", "--dataset-target-column", "highlights",
+               "--dataset-local-path", "None", "--output-dir", out] + FAST)
+    assert rc == 0
+    metrics, model = _check_output(out)
+    assert model.config.encoder_layers == 3 and model.config.decoder_layers == 3
+    assert metrics["student"]["init"] == "teacher"
+    assert metrics["student"]["encoder_layers_copied"] == [0, 2, 3]  # 4 -> 3: spread, first and last kept
+    cfg = json.load(open(os.path.join(out, "distill_config.json")))
+    assert cfg["teacher"] == "facebook/bart-base" and cfg["alpha"] == 0.5
+
+
+def test_seed_command_t5_hub_names_resized_student(hub, workspace, tmp_path):
+    out = str(tmp_path / "distilled_model")
+    rc = main(["--model-type", "t5", "--teacher", "t5-base", "--num-encoder-layers", "3",
+               "--num-decoder-layers", "3", "--hidden-dim", "16", "--vocab-size", _vocab(workspace["t5"]), "--dataset",
+               "cnn_dailymail", "--dataset-input-column", "article", "--dataset-target-column", "highlights",
+               "--dataset-local-path", "None", "--output-dir", out, "--source-prefix", "summarize: "] + FAST)
+    assert rc == 0
+    metrics, model = _check_output(out)
+    assert model.config.d_model == 16 and metrics["student"]["init"] == "random"
+
+
+def test_seed_command_local_teacher_and_local_dataset(workspace, tmp_path):
+    out = str(tmp_path / "distilled_model")
+    rc = main(["--model-type", "bart", "--teacher-local-path", workspace["bart"], "--num-encoder-layers", "3",
+               "--num-decoder-layers", "3", "--hidden-dim", "32", "--vocab-size", _vocab(workspace["bart"]), "--dataset",
+               "cnn_dailymail", "--dataset-input-column", "article", "--dataset-target-column", "highlights",
+               "--dataset-local-path", workspace["data"], "--output-dir", out] + FAST)
+    assert rc == 0
+    _check_output(out)
+
+
+def test_seed_command_local_wins_custom_tokenizer_samsum(workspace, tmp_path):
+    """--teacher and --teacher-local-path both given: the folder wins (no hub access is made)."""
+    out = str(tmp_path / "out")
+    rc = main(["--model-type", "bart", "--teacher", "facebook/bart-base", "--teacher-local-path", workspace["bart"],
+               "--custom-tokenizer-local-path", workspace["bart"], "--dataset", "samsum",
+               "--dataset-local-path", workspace["plain"], "--dataset-input-column", "source",
+               "--dataset-target-column", "target", "--output-dir", out, "--alpha", "1.0"] + FAST)
+    assert rc == 0
+    metrics, _ = _check_output(out)
+    assert all(h["kl"] == 0 for h in metrics["history"] if "kl" in h)  # alpha = 1: teacher not run
+
+
+@pytest.mark.parametrize("impl", ["chunked", "naive"])
+def test_other_loss_impls_run(workspace, tmp_path, impl):
+    out = str(tmp_path / impl)
+    rc = main(["--model-type", "t5", "--teacher-local-path", workspace["t5"], "--dataset-local-path",
+               workspace["data"], "--dataset-input-column", "article", "--dataset-target-column", "highlights",
+               "--output-dir", out, "--loss-impl", impl] + FAST)
+    assert rc == 0
+    _check_output(out)
+
+
+def test_loss_falls_and_report_is_written(workspace, tmp_path):
+    out = str(tmp_path / "out")
+    rc = main(["--model-type", "bart", "--teacher-local-path", workspace["bart"], "--dataset-local-path",
+               workspace["data"], "--dataset-input-column", "article", "--dataset-target-column", "highlights",
+               "--output-dir", out, "--max-steps", "30", "--per-device-batch-size", "8", "--learning-rate",
+               "3e-3", "--logging-steps", "5", "--report-samples", "4", "--eval-steps", "15",
+               "--max-target-length", "8"])
+    assert rc == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    losses = [h["loss"] for h in metrics["history"] if "loss" in h]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert any("eval_loss" in h for h in metrics["history"])
+    report = json.load(open(os.path.join(out, "report", "report.json")))
+    assert {"main_metric", "speedup_b1", "speedup_b32", "quality_retention", "models"} <= set(report)
+
+
+# ---- bad input: one line, exit 2, nothing written ---------------------------------------------
+
+def _bad(capsys, argv, needle, out):
+    before = sorted(os.listdir(out)) if os.path.isdir(out) else None
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and needle in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    after = sorted(os.listdir(out)) if os.path.isdir(out) else None
+    assert before == after
+
+
+def _argv(workspace, out, *extra, teacher="bart"):
+    return ["--model-type", teacher, "--teacher-local-path", workspace[teacher], "--dataset-local-path",
+            workspace["data"], "--dataset-input-column", "article", "--dataset-target-column", "highlights",
+            "--output-dir", out, "--max-steps", "2", "--skip-report"] + list(extra)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--dataset-input-column", "body"], "body"),
+    (["--model-type", "t5"], "model_type"),
+    (["--vocab-size", "5000"], "vocab"),
+    (["--hidden-dim", "37"], "hidden size 37"),
+    (["--num-encoder-layers", "9"], "got 9, the teacher has 4"),
+    (["--alpha", "1.2"], "--alpha 1.2"),
+    (["--temperature", "-1"], "--temperature -1.0"),
+    (["--teacher-local-path", "/nonexistent/teacher"], "/nonexistent/teacher"),
+    (["--dataset-local-path", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
+    (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),
+    (["--bf16", "--fp16"], "--bf16 and --fp16"),
+    (["--global-batch-size", "12", "--per-device-batch-size", "8"], "--global-batch-size 12"),
+])
+def test_bad_input_one_line_exit_2(workspace, tmp_path, capsys, extra, needle):
+    out = str(tmp_path / "out")
+    _bad(capsys, _argv(workspace, out, *extra), needle, out)
+    assert not os.path.exists(out)
+
+
+def test_column_error_lists_existing_columns(workspace, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    _bad(capsys, _argv(workspace, out, "--dataset-target-column", "summary"), "highlights", out)
+
+
+def test_empty_dataset(workspace, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = str(tmp_path / "out")
+    _bad(capsys, _argv(workspace, out, "--dataset-local-path", str(empty)), "empty", out)
+
+
+def test_non_empty_output_dir_is_not_overwritten(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _bad(capsys, _argv(workspace, str(out)), "--overwrite-output-dir", str(out))
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "not valid JSON"),
+    ('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}', "stage 3"),
+])
+def test_bad_deepspeed_config(workspace, tmp_path, capsys, content, needle):
+    ds = tmp_path / "ds.json"
+    ds.write_text(content)
+    out = str(tmp_path / "out")
+    _bad(capsys, _argv(workspace, out, "--deepspeed", str(ds)), needle, out)
+
+
+def test_unreachable_hub_teacher_fails_fast_with_fix(workspace, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = str(tmp_path / "out")
+    argv = _argv(workspace, out, "--teacher-local-path", "None", "--teacher", "facebook/bart-base")
+    _bad(capsys, argv, "--teacher-local-path", out)
+
+
+def test_help_exits_zero(capsys):
+    assert main(["--help"]) == 0
+    assert "--num-encoder-layers" in capsys.readouterr().out
