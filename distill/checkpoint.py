@@ -1,18 +1,23 @@
 """Resumable checkpoints that are complete or absent, never half-written.
 
 Layout under <output_dir>/checkpoints/:
-    step-000120/            a complete checkpoint (DeepSpeed engine state under tag "state",
-                            trainer.json with step/epoch/RNG, COMPLETE marker)
+    step-000120/            a complete checkpoint (DeepSpeed engine state under tag "state" with
+                            each rank's RNG state, trainer.json with step/epoch/history, COMPLETE)
     .tmp-step-000140/       being written; ignored by resume, removed at the next save
+    .tmp-old-step-000080/   an old checkpoint being deleted; ignored likewise
 
 Protocol: every rank writes its DeepSpeed shards into the temporary folder (save_checkpoint is
-collective), all ranks meet at a barrier, then rank 0 writes trainer.json and the COMPLETE marker,
-fsyncs them and renames the folder into place. rename() is atomic on POSIX, so a SIGKILL at any
-point leaves either the old set of complete checkpoints or the new one. A failed write (disk full)
-leaves the previous checkpoints untouched and is reported as a UserError naming the folder.
-"""
+collective), the ranks agree that all writes succeeded (an all-reduced flag), then rank 0 writes
+trainer.json and the COMPLETE marker, fsyncs them and renames the folder into place. rename() is
+atomic on POSIX, so a SIGKILL at any point leaves either the old set of complete checkpoints or
+the new one; old checkpoints are renamed away before they are deleted for the same reason. A
+failed write on any rank (disk full, permissions) leaves the complete checkpoints untouched and
+raises the same UserError on every rank, naming the folder, the reason and the free space.
+Resume = the highest step-N folder with a COMPLETE marker.
+""""""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -53,13 +58,26 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) RNG states as plain lists and tensors: safe for torch.load
+    with weights_only=True (no NumPy objects in the pickle)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device: dropout on GPU draws from it
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _fsync_write(path: str, text: str) -> None:
@@ -69,9 +87,59 @@ def _fsync_write(path: str, text: str) -> None:
         os.fsync(fh.fileno())
 
 
+def _fsync_dir(path: str) -> None:
+    # Makes the rename itself durable (a power cut after rename() could otherwise undo it).
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _any_rank(flag: bool, engine) -> bool:
+    """True on every rank if `flag` is true on any rank (collective when distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=getattr(engine, "device", "cpu"))
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def _retire(path: str) -> None:
+    """Remove a checkpoint folder so that no kill can leave it looking complete: first an atomic
+    rename to a .tmp- name (ignored by resume, swept at the next save), then the slow delete."""
+    trash = os.path.join(os.path.dirname(path), ".tmp-old-" + os.path.basename(path))
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _failure(what: str, path: str, exc: BaseException | None, output_dir: str) -> UserError:
+    if exc is None:
+        reason = "failed on another rank"
+    elif isinstance(exc, OSError):
+        reason = (exc.strerror or str(exc)) + (f": {exc.filename}" if exc.filename else "")
+    else:  # torch.save reports a full disk as a RuntimeError with an obscure first line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    with contextlib.suppress(OSError):
+        reason += f"; {shutil.disk_usage(checkpoints_dir(output_dir)).free / 2**20:.0f} MiB free on that disk"
+    latest = latest_checkpoint(output_dir)
+    kept = f"the last complete checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
+    return UserError(f"could not {what} checkpoint {path} ({reason}); {kept}; free disk space or fix "
+                     "permissions, then rerun with --resume")
+
+
 def save(engine, output_dir: str, step: int, trainer_state: dict[str, Any], *, rank: int,
          keep: int, barrier) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    A failure on any rank (disk full, permissions) raises the same UserError on every rank and
+    leaves the complete checkpoints as they were.
+    """
+    from distill import guard
+
     root = checkpoints_dir(output_dir)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
@@ -86,27 +154,32 @@ def save(engine, output_dir: str, step: int, trainer_state: dict[str, Any], *, r
         # RNG state is per rank (dropout streams differ by rank); DeepSpeed keeps client_state
         # per rank alongside its own shards.
         engine.save_checkpoint(tmp, tag=TAG, client_state={"rng": rng_state()}, save_latest=False)
-    except OSError as exc:
+        guard.on_checkpoint_written(step, rank, tmp)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: how torch.save reports a full disk
         error = exc
-    barrier()
-    if error is not None:
+    if _any_rank(error is not None, engine):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint {tmp} ({error.strerror or error}); the previous "
-                        "checkpoint is intact; free disk space or fix permissions, then --resume")
+        barrier()
+        raise _failure("write", tmp, error, output_dir) from None
+    error = None
     if rank == 0:
         try:
             _fsync_write(os.path.join(tmp, "trainer.json"), json.dumps(trainer_state, indent=2))
             _fsync_write(os.path.join(tmp, MARKER), f"step {step}\n")
-            if os.path.exists(final):
-                shutil.rmtree(final)
+            if os.path.exists(final):  # e.g. resumed from an older checkpoint with --resume-from
+                _retire(final)
             os.rename(tmp, final)
+            _fsync_dir(root)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"could not finish checkpoint {final} ({exc.strerror or exc}); the previous "
-                            "checkpoint is intact; free disk space or fix permissions, then --resume") from None
+            error = exc
+    if _any_rank(error is not None, engine):
+        raise _failure("finish", final, error, output_dir) from None
+    if rank == 0:
         for old in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _retire(old)
     barrier()
     return final
 
