@@ -14,7 +14,7 @@ the new one; old checkpoints are renamed away before they are deleted for the sa
 failed write on any rank (disk full, permissions) leaves the complete checkpoints untouched and
 raises the same UserError on every rank, naming the folder, the reason and the free space.
 Resume = the highest step-N folder with a COMPLETE marker.
-""""""
+"""
 from __future__ import annotations
 
 import contextlib
