@@ -86,11 +86,19 @@ def loaders(cfg, tokenized, tokenizer, rank, world_size, grad_accum):
     from distill.data import Seq2SeqCollator
 
     collate = Seq2SeqCollator(tokenizer)
+    # resume fix: every iter(DataLoader) draws a seed from the generator it is given, by default
+    # the global torch RNG that dropout uses. A resumed run makes one extra iter() at its restart
+    # point, which would shift the dropout stream; a private generator keeps it identical.
+    def private():
+        import torch
+
+        return torch.Generator().manual_seed(cfg.seed)
+
     train = tokenized["train"]
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     train_loader = DataLoader(train, batch_size=cfg.per_device_batch_size, sampler=sampler,
-                              collate_fn=collate, drop_last=True)
+                              collate_fn=collate, drop_last=True, generator=private())
     steps_per_epoch = len(train_loader) // grad_accum
     if steps_per_epoch < 1:
         raise UserError(f"{len(train)} training rows are fewer than one global batch "
@@ -100,7 +108,8 @@ def loaders(cfg, tokenized, tokenizer, rank, world_size, grad_accum):
     # No shuffle and no drop: every validation row counts once per rank's shard (the sampler pads
     # the last shard by repeating rows, a negligible bias on the logged eval loss).
     eval_sampler = DistributedSampler(val, num_replicas=world_size, rank=rank, shuffle=False)
-    eval_loader = DataLoader(val, batch_size=cfg.per_device_batch_size, sampler=eval_sampler, collate_fn=collate)
+    eval_loader = DataLoader(val, batch_size=cfg.per_device_batch_size, sampler=eval_sampler, collate_fn=collate,
+                             generator=private())
     return train_loader, sampler, eval_loader, steps_per_epoch
 
 
