@@ -17,6 +17,7 @@ Facts (read these before changing the loop):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -141,26 +142,33 @@ class Distiller:
         with torch.no_grad():
             return self.teacher(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
+    @contextlib.contextmanager
     def _teacher_head(self):
+        """The teacher's (lm_head weight, bias), gathered for the loss when ZeRO-3 partitions it.
+
+        Every loss implementation uses the teacher's head only inside its forward call (the fused
+        kernel computes the student's gradients there too), so the full weight lives only for the
+        duration of one loss call and is released again by GatheredParameters on exit.
+        """
         weight, bias = lm_head_of(self.teacher_model)
         if hasattr(weight, "ds_id"):
             import deepspeed
 
-            # The lm_head is partitioned like every teacher weight; gather it for the loss.
-            # A copy is kept only for this micro-batch (the loss may use it in backward).
             with deepspeed.zero.GatheredParameters([weight]):
-                weight = weight.data.detach().clone()
-        return weight.detach(), (bias.detach() if bias is not None else None)
+                yield weight.detach(), (bias.detach() if bias is not None else None)
+        else:
+            yield weight.detach(), (bias.detach() if bias is not None else None)
 
     def compute_loss(self, batch):
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        teacher_hidden = teacher_head = None
-        if self.teacher is not None:
-            teacher_hidden = self._teacher_hidden(batch)
-            teacher_head = self._teacher_head()
+        if self.teacher is None:  # alpha = 1: labels only, the teacher is never run
+            student_hidden = self.student(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            return self.objective(student_hidden, lm_head_of(self.student.module.model), batch["labels"])
+        teacher_hidden = self._teacher_hidden(batch)
         student_hidden = self.student(batch["input_ids"], batch["attention_mask"], batch["labels"])
         student_head = lm_head_of(self.student.module.model)
-        return self.objective(student_hidden, student_head, batch["labels"], teacher_hidden, teacher_head)
+        with self._teacher_head() as teacher_head:
+            return self.objective(student_hidden, student_head, batch["labels"], teacher_hidden, teacher_head)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, loader) -> dict[str, float]:
