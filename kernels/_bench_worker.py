@@ -1,0 +1,173 @@
+"""One benchmark row (one loss on one case): inputs, timing, peak memory, error vs the reference.
+
+Run as `python -m kernels._bench_worker '<json spec>'` so every row gets a fresh process and
+allocator (a freed (tokens x vocab) tensor from an earlier row would otherwise hide or inflate
+the next row's peak); kernels.bench starts these and collects the one JSON line each prints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+from . import chunked_kl_div, fused_linear_distill_loss, naive_distill_loss, naive_kl_div
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ALPHA, TEMPERATURE = 0.5, 2.0
+
+
+def _status_mb(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) / 1024
+
+
+class PeakMemory:
+    """Peak memory above a baseline: CUDA max_memory_allocated, else the process's peak RSS
+    (VmHWM, reset through /proc/self/clear_refs so the baseline excludes input creation)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def reset(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _status_mb("VmRSS")
+
+    def added_mb(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return _status_mb("VmHWM") - self.base
+
+
+def make_inputs(case, device):
+    g = torch.Generator().manual_seed(0)
+    n, v, hs, ht = case["tokens"], case["vocab"], case["hidden"], case["teacher_hidden"]
+    dt = DTYPES[case["dtype"]]
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    x = dict(h=rnd(n, hs), w=rnd(v, hs, scale=3 / math.sqrt(hs)), th=rnd(n, ht),
+             tw=rnd(v, ht, scale=3 / math.sqrt(ht)))
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::10] = -100  # padding positions the loss must skip
+    x["labels"] = labels.to(device)
+    return x
+
+
+def build(row, case, x, liger_mode):
+    """-> (step() running forward+backward and returning (loss, [grads]), note)."""
+    h, w, th, tw, lab = x["h"], x["w"], x["th"], x["tw"], x["labels"]
+    kw = dict(alpha=ALPHA, temperature=TEMPERATURE)
+    if row in ("naive_kl", "chunked_kl", "fused_logits"):
+        with torch.no_grad():
+            t_logits = th @ tw.t()
+    if row in ("naive_kl", "chunked_kl"):
+        with torch.no_grad():
+            s_logits = (h @ w.t()).requires_grad_(True)
+        fn = naive_kl_div if row == "naive_kl" else chunked_kl_div
+
+        def step():
+            s_logits.grad = None
+            loss = fn(s_logits, t_logits, lab, temperature=TEMPERATURE)
+            loss.backward()
+            return loss, [s_logits.grad]
+        return step, ""
+    if row == "floor":
+        out = torch.empty(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)
+        gh, gw = torch.empty_like(h), torch.empty_like(w)
+
+        def step():
+            # The matmuls any exact loss must do: both forward logits, grad hidden, grad weight.
+            torch.mm(h, w.t(), out=out)
+            torch.mm(th, tw.t(), out=out)
+            torch.mm(out, w, out=gh)
+            torch.mm(out.t(), h, out=gw)
+            return None, []
+        return step, ""
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    if row == "naive":
+        def loss_fn():
+            return naive_distill_loss(h, w, lab, teacher_hidden=th, teacher_weight=tw, **kw)[0]
+    elif row == "fused_hidden":
+        def loss_fn():
+            return fused_linear_distill_loss(h, w, lab, teacher_hidden=th, teacher_weight=tw, **kw)[0]
+    elif row == "fused_logits":
+        def loss_fn():
+            return fused_linear_distill_loss(h, w, lab, teacher_logits=t_logits, **kw)[0]
+    elif row == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        # beta = 0 makes Liger's generalised JSD the forward KL(teacher || student); it has no
+        # T^2 factor, so that goes into the soft weight. Its CE uses T = 1 logits, like ours.
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=ALPHA, weight_soft_loss=(1 - ALPHA) * TEMPERATURE**2,
+                                        beta=0.0, temperature=TEMPERATURE, compiled=liger_mode == "compiled")
+
+        def loss_fn():
+            return liger(h, w, th, tw, lab)
+    else:
+        raise ValueError(f"unknown row {row!r}")
+
+    def step():
+        h.grad = w.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss, [h.grad, w.grad]
+    return step, ("liger compiled=" + str(liger_mode == "compiled")) if row == "liger" else ""
+
+
+def run_row(spec):
+    case, row = spec["case"], spec["row"]
+    device = torch.device(spec.get("device", "cpu"))
+    torch.set_num_threads(spec["threads"])
+    x = make_inputs(case, device)
+    try:
+        step, note = build(row, case, x, spec.get("liger", "compiled"))
+    except Exception as e:  # an optional competitor that cannot run here is a row, not a crash
+        return {"row": row, "error": f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    mem = PeakMemory(device)
+    try:
+        mem.reset()
+        loss, grads = step()  # warm-up (compiles, first-touch of pages); its peak counts too
+        sync()
+        peak = mem.added_mb()
+        walls, cpus = [], []
+        for _ in range(spec["repeats"]):
+            mem.reset()
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss, grads = step()
+            sync()
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+            peak = max(peak, mem.added_mb())
+    except Exception as e:
+        return {"row": row, "error": f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    res = {"row": row, "time_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
+           "peak_mb": peak, "note": note}
+    ref_path = spec.get("ref_path")
+    if loss is not None and ref_path:
+        got = [loss.detach().float().cpu()] + [g.float().cpu() for g in grads]
+        if spec.get("is_ref"):
+            torch.save(got, ref_path)
+        elif os.path.exists(ref_path):
+            ref = torch.load(ref_path, weights_only=True)
+            res["max_abs_err"] = max(float((a - b).abs().max()) for a, b in zip(got, ref))
+    return res
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_row(json.loads(sys.argv[1]))))

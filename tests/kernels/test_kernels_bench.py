@@ -1,0 +1,27 @@
+"""The benchmark's --quick smoke case runs end to end and its rows agree with the baseline."""
+import json
+
+from kernels import bench
+
+
+def test_quick_bench_json(capsys):
+    assert bench.main(["--quick", "--json", "--repeats", "1", "--liger", "off"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["environment"]["threads"] == 2 and "malloc_env" in doc["environment"]
+    (case,) = doc["cases"]
+    rows = {r["row"]: r for r in case["rows"]}
+    assert set(rows) == set(bench.ROWS)
+    assert rows["liger"]["error"].startswith("n/a")
+    for name in ("fused_hidden", "fused_logits", "chunked_kl"):
+        r = rows[name]
+        assert r["time_s"] > 0 and r["peak_mb"] >= 0 and r["max_abs_err"] < 1e-4
+        assert "time_x_naive" in r and "mem_x_naive" in r
+    assert "time_x_floor" in rows["fused_hidden"] and "time_x_floor" not in rows["chunked_kl"]
+
+
+def test_table_prints_every_row(capsys):
+    results = {"floor": {"row": "floor", "time_s": 1.0, "cpu_s": 2.0, "peak_mb": 0.0},
+               "liger": {"row": "liger", "error": "n/a: not installed"}}
+    bench.print_table(dict(vocab=5, tokens=2, hidden=3, teacher_hidden=4, dtype="fp32"), results)
+    out = capsys.readouterr().out
+    assert "matmul floor" in out and "n/a: not installed" in out and "vocab=5" in out
