@@ -95,7 +95,8 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def print_table(case, results, out=sys.stdout):
+def print_table(case, results, out=None):
+    out = out or sys.stdout
     print(f"\ncase: vocab={case['vocab']} tokens={case['tokens']} hidden={case['hidden']} "
           f"(teacher {case['teacher_hidden']}) dtype={case['dtype']}", file=out)
     head = f"{'row':44} {'time_s':>8} {'cpu_s':>8} {'x_naive':>8} {'x_floor':>8} {'peak_MB':>9} {'mem_x_naive':>11} {'max_abs_err':>11}"
