@@ -218,3 +218,19 @@ def test_unreachable_hub_teacher_fails_fast_with_fix(workspace, tmp_path, capsys
 def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
     assert "--num-encoder-layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--bf16"], "bf16"),
+    (["--fp16"], "fp16"),
+    (["--deepspeed", os.path.join(os.path.dirname(os.path.dirname(__file__)), "ds_configs", "zero2_offload.json")],
+     "DeepSpeedCPUAdam"),
+])
+def test_precisions_and_offload_config(workspace, tmp_path, extra, expect):
+    out = str(tmp_path / "out")
+    rc = main(["--model-type", "bart", "--teacher-local-path", workspace["bart"], "--dataset-local-path",
+               workspace["data"], "--dataset-input-column", "article", "--dataset-target-column", "highlights",
+               "--output-dir", out] + FAST + extra)
+    assert rc == 0
+    metrics, _ = _check_output(out)
+    assert expect in (metrics["precision"], metrics["optimizer"].rsplit(".", 1)[-1])
