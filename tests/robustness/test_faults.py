@@ -1,0 +1,253 @@
+"""Faults during training, proven with real runs (`python main.py`, tiny BART with dropout, CPU fp32).
+
+A resumed run must end exactly where an uninterrupted run with the same seed ends: same step count,
+same per-step training losses (the whole history) and same final validation loss, within
+REL_TOL = 1e-6 relative (CPU fp32 is deterministic here; measured difference: 0). Equal per-step
+losses after the restart point show the data order, LR schedule, optimizer state and dropout RNG
+all continued; the 12-step run crosses an epoch boundary at step 8.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from distill import checkpoint, guard
+from distill.errors import UserError
+
+REL_TOL = 1e-6
+
+
+def ckpt(out: str, step: int) -> str:
+    return os.path.join(checkpoint.checkpoints_dir(out), f"step-{step:06d}")
+
+
+def train_losses(metrics: dict) -> list[tuple[int, float]]:
+    return [(h["step"], h["loss"]) for h in metrics["history"] if "loss" in h]
+
+
+def assert_same_as_reference(metrics: dict, reference: dict) -> None:
+    ref = reference["metrics"]
+    assert metrics["steps"] == ref["steps"] == 12
+    assert metrics["samples_seen"] == ref["samples_seen"]
+    got, want = train_losses(metrics), train_losses(ref)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 13))
+    for (step, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=REL_TOL), f"train loss differs at step {step}: {a} vs {b}"
+    assert metrics["final_eval"]["eval_loss"] == pytest.approx(ref["final_eval"]["eval_loss"], rel=REL_TOL)
+
+
+def error_lines(text: str) -> list[str]:
+    # The error may follow the progress bar's last redraw on the same line (stderr, after \r).
+    return re.findall(r"(?<![A-Za-z_])error: [^\r\n]*", text)
+
+
+def resume_and_check(start, out: str, expect_from: str, reference: dict) -> None:
+    run = start(out, "--resume")
+    metrics = run.metrics()
+    assert f"resumed from {expect_from} at step" in run.text()
+    assert not [n for n in os.listdir(checkpoint.checkpoints_dir(out)) if n.startswith(".tmp-")]
+    assert_same_as_reference(metrics, reference)
+
+
+@pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
+def test_sigkill_after_a_checkpoint_resumes_from_it(start, reference, tmp_path):
+    out = str(tmp_path / "out")
+    run = start(out)
+    run.wait_for(os.path.join(ckpt(out, 4), checkpoint.MARKER))
+    run.proc.kill()
+    assert run.wait() == -signal.SIGKILL
+    latest = checkpoint.latest_checkpoint(out)
+    assert latest is not None and latest.endswith(("step-000004", "step-000008"))  # 8 if the kill came late
+    resume_and_check(start, out, latest, reference)
+
+
+@pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
+def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(start, reference, tmp_path):
+    out = str(tmp_path / "out")
+    run = start(out, fault="kill_in_save@8")
+    assert run.wait() == -signal.SIGKILL, run.text()[-3000:]
+    root = checkpoint.checkpoints_dir(out)
+    # The shards of step 8 were written, the rename never happened: resume must not see them.
+    assert os.listdir(os.path.join(root, ".tmp-step-000008", checkpoint.TAG))
+    assert not os.path.exists(ckpt(out, 8))
+    assert checkpoint.latest_checkpoint(out) == ckpt(out, 4)
+    assert os.path.exists(os.path.join(out, guard.LOCK_NAME))  # stale lock of the dead run: must not block
+    resume_and_check(start, out, ckpt(out, 4), reference)
+
+
+@pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_prints_how_to_resume_and_exits_3(start, reference, tmp_path, sig):
+    out = str(tmp_path / "out")
+    run = start(out)
+    run.wait_for(os.path.join(ckpt(out, 4), checkpoint.MARKER))
+    run.proc.send_signal(sig)
+    assert run.wait() == 3, run.text()[-3000:]
+    text = run.text()
+    assert "--resume" in text and "Traceback" not in text
+    latest = checkpoint.latest_checkpoint(out)
+    stopped = json.load(open(os.path.join(latest, "trainer.json")))["step"]
+    assert 4 < stopped < 12 and f"interrupted at step {stopped}" in text
+    assert not os.path.exists(os.path.join(out, guard.LOCK_NAME))  # released on the way out
+    resume_and_check(start, out, latest, reference)
+
+
+@pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(start, reference, tmp_path):
+    out = str(tmp_path / "out")
+    run = start(out, fault="enospc_in_save@8")
+    assert run.wait() == 2
+    text = run.text()
+    errors = error_lines(text)
+    assert len(errors) == 1 and "Traceback" not in text
+    assert "could not write checkpoint" in errors[0] and ".tmp-step-000008" in errors[0]
+    assert "No space left on device" in errors[0] and f"{ckpt(out, 4)} is intact" in errors[0]
+    assert sorted(os.listdir(checkpoint.checkpoints_dir(out))) == ["step-000004"]  # no half-written folder
+    resume_and_check(start, out, ckpt(out, 4), reference)
+
+
+@pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
+def test_nan_loss_is_skipped_then_too_many_in_a_row_save_and_stop(start, tmp_path):
+    out = str(tmp_path / "out")
+    # One bad micro-batch at step 3 (skipped, counted, run goes on), then NaN for good from step 7.
+    run = start(out, "--max-bad-steps", "3", fault="nan@3,nan_from@7")
+    assert run.wait() == 2, run.text()[-3000:]
+    text = run.text()
+    assert text.count("warning: non-finite loss at step 3;") == 1
+    assert text.count("warning: non-finite loss at step 7;") == 3
+    errors = error_lines(text)
+    assert len(errors) == 1 and "Traceback" not in text
+    assert "3 steps in a row" in errors[0] and "step 7" in errors[0] and "--learning-rate" in errors[0]
+    state = json.load(open(os.path.join(ckpt(out, 6), "trainer.json")))  # saved before stopping
+    assert state["step"] == 6 and state["counters"]["bad_steps"] == 4
+    assert all(h["loss"] == h["loss"] for h in state["history"] if "loss" in h)  # no NaN got in
+
+
+def test_second_run_on_a_locked_output_dir_is_refused_before_writing(run_args, tmp_path, repo_root, child_env):
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / guard.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"pid 12345 on testhost\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what a live first run holds
+    try:
+        proc = subprocess.run([sys.executable, "main.py", *run_args, "--output-dir", str(out)], cwd=repo_root,
+                              env=child_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --output-dir")
+    assert "in use by another run (pid 12345 on testhost" in proc.stderr and "Traceback" not in proc.stderr
+    assert os.listdir(out) == [guard.LOCK_NAME]
+
+
+def test_lock_in_process(tmp_path):
+    out = str(tmp_path / "new")
+    with guard.output_dir_lock(out, rank=0):
+        assert os.path.isfile(os.path.join(out, guard.LOCK_NAME))
+        with pytest.raises(UserError, match="in use by another run"):
+            with guard.output_dir_lock(out, rank=0):
+                pass
+        with guard.output_dir_lock(out, rank=1):  # other ranks share rank 0's lock
+            pass
+    assert not os.path.exists(out)  # the lock made the folder; nothing else was written
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / guard.LOCK_NAME).write_text("pid 1 on a crashed host\n")  # left by a dead run
+    with guard.output_dir_lock(str(other), rank=0):  # an unlocked lock file blocks nothing
+        pass
+    assert os.listdir(other) == []  # and the folder, which existed before, stays
+
+
+@pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
+def test_a_crashing_rank_ends_the_multi_rank_job_with_its_error(workspace, tmp_path, repo_root, child_env):
+    out = str(tmp_path / "out")
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000),
+           "distill/train.py", "--model-type", "bart", "--teacher-local-path", workspace["bart"],
+           "--dataset-local-path", workspace["data"], "--dataset-input-column", "article",
+           "--dataset-target-column", "highlights", "--max-train-samples", "32", "--max-steps", "4",
+           "--per-device-batch-size", "4", "--alpha", "0.5", "--skip-report", "--output-dir", out]
+    # Own session: on a hang the whole launcher tree (launcher + ranks) is killed, not just the top.
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=child_env(DISTILL_FAULT="raise_on_rank1@2"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
+        pytest.fail("the job hung after rank 1 crashed:\n" + text[-3000:])
+    assert proc.returncode != 0, text[-3000:]
+    assert "InjectedFault: injected fault (DISTILL_FAULT): rank 1 crashed at step 2" in text
+
+
+# ---- checkpoint protocol, unit level (a fake engine, no DeepSpeed) -------------------------------
+class FakeEngine:
+    device = "cpu"
+
+    def __init__(self, fail: Exception | None = None):
+        self.fail = fail
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        import torch
+
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        torch.save(client_state, os.path.join(save_dir, tag, "client.pt"))
+        if self.fail:
+            raise self.fail
+
+
+def _save(out, step, engine):
+    return checkpoint.save(engine, out, step, {"step": step}, rank=0, keep=2, barrier=lambda: None)
+
+
+def test_rng_state_round_trips_and_loads_with_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    state = checkpoint.rng_state()
+    torch.save({"rng": state}, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)["rng"]  # no NumPy pickles inside
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    checkpoint.set_rng_state(loaded)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+@pytest.mark.parametrize("fail", [RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos"),
+                                  PermissionError(13, "Permission denied", "/x/state/client.pt")])
+def test_failed_save_keeps_the_complete_checkpoints(tmp_path, fail):
+    out = str(tmp_path)
+    _save(out, 4, FakeEngine())
+    with pytest.raises(UserError) as info:
+        _save(out, 8, FakeEngine(fail))
+    message = str(info.value)
+    assert "could not write checkpoint" in message and "MiB free" in message
+    assert f"{ckpt(out, 4)} is intact" in message and "\n" not in message
+    assert checkpoint.complete_checkpoints(out) == [ckpt(out, 4)]
+    assert os.listdir(checkpoint.checkpoints_dir(out)) == ["step-000004"]
+
+
+def test_old_checkpoints_are_retired_and_a_step_is_replaced_atomically(tmp_path):
+    out = str(tmp_path)
+    for step in (4, 8, 12):
+        _save(out, step, FakeEngine())
+    assert checkpoint.complete_checkpoints(out) == [ckpt(out, 8), ckpt(out, 12)]
+    os.makedirs(os.path.join(checkpoint.checkpoints_dir(out), ".tmp-old-step-000002"))  # killed mid-delete
+    _save(out, 8, FakeEngine())  # e.g. after --resume-from step 4: step 8 is written again
+    assert sorted(os.listdir(checkpoint.checkpoints_dir(out))) == ["step-000008", "step-000012"]
+
+
+def test_fault_spec_parsing():
+    assert guard.parse_faults(" nan@3, kill_in_save@8,raise_on_rank1@2 ") == {
+        "nan": 3, "kill_in_save": 8, "raise_on_rank1": 2}
+    assert guard.parse_faults("") == {}
+    with pytest.raises(ValueError, match="cannot parse 'nan3'"):
+        guard.parse_faults("nan3")
