@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._core import check_temperature, chunk_grad, chunk_step, default_chunk_size, flatten_rows
+from ._core import check_temperature, chunk_grad, chunk_step, default_fused_chunk_size, flatten_rows
 
 
 def _logits_into(dst, hidden, weight, bias):
@@ -66,7 +66,7 @@ class FusedLinearDistill(torch.autograd.Function):
         inv_t = 1.0 / temperature
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_any = need_h or need_w or need_b
-        chunk = int(chunk_size or default_chunk_size(vocab, n_rows))
+        chunk = int(chunk_size or default_fused_chunk_size(vocab, n_rows))
         if chunk < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         chunk = min(chunk, max(n_rows, 1))
