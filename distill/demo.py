@@ -1,0 +1,414 @@
+"""The one-command offline demo: a generated task, a small teacher, a distilled and a CE-only student.
+
+The task is text normalization for speech: sentences with numbers, decimals, dates, times, money,
+units, percentages and ordinals, to be written out as spoken words. It looks like real work (TTS
+front ends do exactly this), every answer is checkable by exact match, and it needs a real model:
+the spoken form of "3.05 kg" or "12/03/2024" depends on digits, position, plurality and context.
+The spoken-form converter is written here for the bounded ranges the generator emits, so the demo
+needs no extra dependency.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+
+_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+         "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+         "nineteen"]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_ORDINAL_WORDS = {"one": "first", "two": "second", "three": "third", "five": "fifth",
+                  "eight": "eighth", "nine": "ninth", "twelve": "twelfth"}
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December"]
+
+
+def cardinal(n: int) -> str:
+    """0 <= n < 1,000,000 in British English words: 2305 -> 'two thousand three hundred and five'."""
+    assert 0 <= n < 1_000_000, n
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("-" + _ONES[n % 10] if n % 10 else "")
+    if n < 1000:
+        rest = n % 100
+        return _ONES[n // 100] + " hundred" + (" and " + cardinal(rest) if rest else "")
+    rest = n % 1000
+    head = cardinal(n // 1000) + " thousand"
+    if not rest:
+        return head
+    return head + (" and " if rest < 100 else " ") + cardinal(rest)
+
+
+def ordinal(n: int) -> str:
+    """1 -> 'first', 21 -> 'twenty-first', 40 -> 'fortieth'."""
+    words = cardinal(n)
+    head, sep, last = max((words.rpartition(s) for s in (" ", "-")), key=lambda p: len(p[0]))
+    if last in _ORDINAL_WORDS:
+        last = _ORDINAL_WORDS[last]
+    elif last.endswith("y"):
+        last = last[:-1] + "ieth"
+    else:
+        last += "th"
+    return head + sep + last
+
+
+def ordinal_suffix(n: int) -> str:
+    """The written ordinal: 1 -> '1st', 12 -> '12th', 23 -> '23rd'."""
+    if 10 <= n % 100 <= 20:
+        return f"{n}th"
+    return f"{n}" + {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+
+
+def year(y: int) -> str:
+    """1987 -> 'nineteen eighty-seven', 2005 -> 'two thousand and five', 2024 -> 'twenty twenty-four'."""
+    if 2000 <= y <= 2009:
+        return cardinal(y)
+    hi, lo = divmod(y, 100)
+    return cardinal(hi) + " " + ("hundred" if lo == 0 else "oh " + _ONES[lo] if lo < 10 else cardinal(lo))
+
+
+def decimal(text: str) -> str:
+    """'3.05' -> 'three point zero five' (digits after the point are read one by one)."""
+    whole, _, frac = text.partition(".")
+    out = cardinal(int(whole))
+    return out + " point " + " ".join(_ONES[int(d)] for d in frac) if frac else out
+
+
+def clock(h: int, m: int) -> str:
+    """24-hour times: 09:00 -> 'nine o'clock', 09:05 -> 'nine oh five', 14:30 -> 'fourteen thirty'."""
+    if m == 0:
+        return cardinal(h) + " o'clock"
+    return cardinal(h) + " " + ("oh " + _ONES[m] if m < 10 else cardinal(m))
+
+
+# Units: written symbol -> (singular, plural). Exactly 1 takes the singular ("1 kg" is one kilogram,
+# "1.5 kg" is one point five kilograms), which the model must learn from the digits.
+_UNITS = {"kg": ("kilogram", "kilograms"), "g": ("gram", "grams"), "km": ("kilometre", "kilometres"),
+          "m": ("metre", "metres"), "cm": ("centimetre", "centimetres"), "ml": ("millilitre", "millilitres"),
+          "l": ("litre", "litres"), "km/h": ("kilometre per hour", "kilometres per hour"),
+          "°C": ("degree Celsius", "degrees Celsius"), "%": ("percent", "percent")}
+_CURRENCIES = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
+               "£": ("pound", "pounds", "penny", "pence")}
+
+
+def _quantity(rng: random.Random) -> str:
+    """A number as written before a unit: an integer or a decimal with one place."""
+    kind = rng.random()
+    if kind < 0.15:
+        return "1"
+    if kind < 0.55:
+        return str(rng.randint(2, 999))
+    return f"{rng.randint(0, 99)}.{rng.randint(0, 9)}"
+
+
+def _measure(rng: random.Random, units: tuple[str, ...]) -> tuple[str, str]:
+    q, unit = _quantity(rng), rng.choice(units)
+    singular, plural = _UNITS[unit]
+    spoken = decimal(q) + " " + (singular if q == "1" else plural)
+    return (q + unit if unit in ("%", "°C") else f"{q} {unit}"), spoken
+
+
+def _money(rng: random.Random) -> tuple[str, str]:
+    sym = rng.choice(list(_CURRENCIES))
+    one, many, sub_one, sub_many = _CURRENCIES[sym]
+    whole = rng.choice([1, rng.randint(2, 99), rng.randint(100, 999)])
+    if rng.random() < 0.4:
+        return f"{sym}{whole}", cardinal(whole) + " " + (one if whole == 1 else many)
+    cents = rng.randint(1, 99)
+    spoken = (cardinal(whole) + " " + (one if whole == 1 else many) + " and "
+              + cardinal(cents) + " " + (sub_one if cents == 1 else sub_many))
+    return f"{sym}{whole}.{cents:02d}", spoken
+
+
+def _date(rng: random.Random) -> tuple[str, str]:
+    d, mth, y = rng.randint(1, 28), rng.randint(1, 12), rng.randint(1950, 2039)
+    return f"{d:02d}/{mth:02d}/{y}", f"the {ordinal(d)} of {_MONTHS[mth - 1]} {year(y)}"
+
+
+def _time(rng: random.Random) -> tuple[str, str]:
+    h, m = rng.randint(0, 23), rng.choice([0, 15, 30, 45, rng.randint(1, 59)])
+    return f"{h:02d}:{m:02d}", clock(h, m)
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    n = rng.choice([rng.randint(2, 99), rng.randint(100, 999)])
+    return str(n), cardinal(n)
+
+
+def _ord(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(1, 99)
+    return ordinal_suffix(n), ordinal(n)
+
+
+_SLOTS = {
+    "weight": lambda r: _measure(r, ("kg", "g")), "length": lambda r: _measure(r, ("km", "m", "cm")),
+    "volume": lambda r: _measure(r, ("ml", "l")), "speed": lambda r: _measure(r, ("km/h",)),
+    "temp": lambda r: _measure(r, ("°C",)), "pct": lambda r: _measure(r, ("%",)),
+    "money": _money, "date": _date, "time": _time, "count": _count, "ord": _ord,
+}
+_TEMPLATES = [
+    "The parcel weighs {weight} and ships on {date}.",
+    "Your order of {count} items costs {money} in total.",
+    "The train to Leeds leaves at {time} from platform {count}.",
+    "She finished {ord} after running {length}.",
+    "Mix {volume} of water with {weight} of flour.",
+    "On {date} the temperature reached {temp}.",
+    "Prices rose by {pct} in the {ord} week of trading.",
+    "The meeting on {date} starts at {time}.",
+    "The car was doing {speed} when it passed the {ord} marker.",
+    "We paid {money} for {weight} of coffee.",
+    "The hike covers {length} and takes about {count} minutes.",
+    "Doors open at {time} and tickets cost {money}.",
+    "The tank holds {volume} and was refilled on {date}.",
+    "Sales fell {pct} after the {ord} price change.",
+    "Room {count} was booked for {date} at {money} per night.",
+    "At {time} the reactor was at {temp}.",
+]
+_SLOT_NAMES = sorted(_SLOTS)
+
+
+def make_example(rng: random.Random) -> dict:
+    """One sentence and its spoken form, drawn from `rng`."""
+    template = rng.choice(_TEMPLATES)
+    values = {}
+    for name in _SLOT_NAMES:  # a fixed order keeps the draw sequence independent of dict order
+        if "{" + name + "}" in template:
+            values[name] = _SLOTS[name](rng)
+    source = template.format(**{k: v[0] for k, v in values.items()})
+    target = template.format(**{k: v[1] for k, v in values.items()})
+    return {"source": source, "target": target}
+
+
+def make_task(out_dir: str, *, seed: int = 0, n_train: int = 20000, n_validation: int = 200,
+              n_test: int = 500) -> dict:
+    """Write train/validation/test.jsonl ({"source", "target"} per line) to `out_dir`.
+
+    Deterministic from `seed`. No source sentence appears twice in or across the splits, so the
+    test split measures generalisation, not recall. Returns {split: path}.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for split, n in (("train", n_train), ("validation", n_validation), ("test", n_test)):
+        rows = []
+        while len(rows) < n:
+            ex = make_example(rng)
+            if ex["source"] not in seen:
+                seen.add(ex["source"])
+                rows.append(ex)
+        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
+        with open(paths[split], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration. Every model is trained by distill.train.main, the same engine users run, so the
+# demo exercises the product end to end; the teacher is that engine with alpha=1 (labels only,
+# the teacher forward is skipped) on a randomly initialised seed model of the teacher's shape,
+# with the student shape set to the seed's own so the "student" is the whole seed.
+#
+# Calibration (see the report for how): CALIBRATION below.
+TASK_VERSION = 1  # bump when the generator changes, so cached teachers are not reused
+TOKENIZER_VOCAB = 800
+TEACHER_SHAPE = dict(d_model=128, encoder_layers=4, decoder_layers=4, heads=4, ffn=512)
+STUDENT_LAYERS = (2, 1)  # encoder, decoder: one decoder layer is what buys greedy speed
+MAX_LEN = 64
+FULL = dict(n_train=24000, n_validation=200, n_test=500, teacher_steps=750, student_steps=300,
+            batch=32, teacher_lr=2e-3, student_lr=2e-3, alpha=0.5, temperature=2.0,
+            report_samples=500, speed_repeats=3)
+SMOKE = dict(n_train=1200, n_validation=40, n_test=40, teacher_steps=30, student_steps=20,
+             batch=16, teacher_lr=2e-3, student_lr=2e-3, alpha=0.5, temperature=2.0,
+             report_samples=40, speed_repeats=1)
+TARGETS = dict(teacher_exact_match=90.0, speedup=2.0, quality_retention=0.95)
+CACHE_ENV = "SEQ2SEQ_DISTILL_CACHE"
+
+
+def default_cache_dir() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "seq2seq-distill")
+
+
+def _tokenizer_texts(rows: list[dict]) -> list[str]:
+    # Digits are spaced out for tokenizer training so BPE learns no multi-digit merges: each
+    # digit stays its own token, which makes place value ("4", "7" -> "forty-seven") learnable
+    # by a small model instead of memorising one token per number.
+    import re
+
+    return [r["target"] for r in rows] + [re.sub(r"(\d)", r" \1 ", r["source"]) for r in rows]
+
+
+def build_seed_teacher(task_dir: str, out_dir: str, seed: int) -> str:
+    """A randomly initialised teacher-shaped BART and a tokenizer trained on the task's text."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from distill.toy import tiny_config, train_tokenizer
+
+    with open(os.path.join(task_dir, "train.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    tokenizer = train_tokenizer(_tokenizer_texts(rows), "bart", TOKENIZER_VOCAB)
+    shape = TEACHER_SHAPE
+    config = tiny_config("bart", len(tokenizer), d_model=shape["d_model"], layers=shape["encoder_layers"],
+                         heads=shape["heads"], ffn=shape["ffn"], max_positions=MAX_LEN * 2)
+    config.decoder_layers = shape["decoder_layers"]
+    # BART's default init_std (0.02) suits d_model 1024. At d_model 128 it leaves attention
+    # near-uniform for hundreds of steps, and the decoder first learns to ignore the source
+    # (measured: exact match 0 after 700 steps); 1/sqrt(d_model) breaks out within ~350 steps.
+    config.init_std = shape["d_model"] ** -0.5
+    torch.manual_seed(seed)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _train(init_dir: str, task_dir: str, out_dir: str, layers: tuple[int, int], *, alpha: float,
+           steps: int, lr: float, sizes: dict, seed: int) -> None:
+    from distill.train import main as train_main
+
+    argv = ["--model-type", "bart", "--teacher-local-path", init_dir,
+            "--num-encoder-layers", str(layers[0]), "--num-decoder-layers", str(layers[1]),
+            "--dataset-local-path", task_dir, "--output-dir", out_dir, "--overwrite-output-dir",
+            "--alpha", str(alpha), "--temperature", str(sizes["temperature"]),
+            "--max-source-length", str(MAX_LEN), "--max-target-length", str(MAX_LEN),
+            "--max-steps", str(steps), "--per-device-batch-size", str(sizes["batch"]),
+            "--learning-rate", str(lr), "--warmup-ratio", "0.05", "--seed", str(seed),
+            "--max-eval-samples", str(sizes["n_validation"]), "--skip-report"]
+    code = train_main(argv)
+    if code != 0:
+        raise SystemExit(code)
+
+
+def _teacher_key(sizes: dict, seed: int) -> str:
+    import hashlib
+
+    recipe = json.dumps([TASK_VERSION, TOKENIZER_VOCAB, TEACHER_SHAPE, MAX_LEN, sizes, seed], sort_keys=True)
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def get_teacher(task_dir: str, work_dir: str, cache_dir: str, sizes: dict, seed: int,
+                force: bool, log=print) -> str:
+    """The cached teacher for this recipe, or a freshly trained one put into the cache."""
+    import shutil
+
+    final = os.path.join(cache_dir, f"teacher-{_teacher_key(sizes, seed)}")
+    if os.path.isfile(os.path.join(final, "config.json")) and not force:
+        log(f"teacher: cached at {final} (--force-retrain-teacher to train it again)")
+        return final
+    seed_dir = build_seed_teacher(task_dir, os.path.join(work_dir, "teacher-seed"), seed)
+    enc_dec = (TEACHER_SHAPE["encoder_layers"], TEACHER_SHAPE["decoder_layers"])
+    # Trained into a scratch folder and renamed when complete, so an interrupted run never
+    # leaves a half-trained teacher that a later run would take for a cached one.
+    scratch = final + ".partial"
+    _train(seed_dir, task_dir, scratch, enc_dec, alpha=1.0, steps=sizes["teacher_steps"],
+           lr=sizes["teacher_lr"], sizes=sizes, seed=seed)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(scratch, final)
+    log(f"teacher: trained and cached at {final}")
+    return final
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m distill.demo",
+        description="Offline demo: generate a text-normalisation task, train a small teacher (cached), "
+                    "distill a student with DeepSpeed, train a CE-only student of the same shape and "
+                    "budget, and compare all three on the test split.")
+    p.add_argument("--output-dir", default=os.path.join(".", "runs", "demo"),
+                   help="where the task, students and report go")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"teacher cache (default ${CACHE_ENV} or ~/.cache/seq2seq-distill)")
+    p.add_argument("--teacher-local-path", default=None,
+                   help="use this trained teacher folder instead of the cached/trained one")
+    p.add_argument("--force-retrain-teacher", action="store_true", help="ignore the cached teacher")
+    p.add_argument("--seed", type=int, default=0, help="task and training seed")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes for CI (minutes, targets not expected)")
+    return p
+
+
+def check_targets(report: dict) -> list[tuple[str, bool]]:
+    """The demo's promises, each with whether this run kept it."""
+    models = report["models"]
+    metric = report["main_metric"]
+    teacher, student, ce = models["teacher"][metric], models["student"][metric], models["student_2"][metric]
+    return [
+        (f"teacher {metric} {teacher:.1f} >= {TARGETS['teacher_exact_match']:.0f}",
+         teacher >= TARGETS["teacher_exact_match"]),
+        (f"student greedy speedup b1 {report['speedup_b1'] or 0:.2f}x, b32 {report['speedup_b32'] or 0:.2f}x"
+         f" >= {TARGETS['speedup']:.0f}x",
+         min(report["speedup_b1"] or 0, report["speedup_b32"] or 0) >= TARGETS["speedup"]),
+        (f"student keeps {report['quality_retention'] or 0:.1%} of the teacher's {metric}"
+         f" >= {TARGETS['quality_retention']:.0%}", (report["quality_retention"] or 0) >= TARGETS["quality_retention"]),
+        (f"distilled student {student:.1f} > CE-only student {ce:.1f}", student > ce),
+    ]
+
+
+def main(argv=None) -> int:
+    import time
+
+    from distill.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    sizes = SMOKE if args.smoke else FULL
+    out = os.path.abspath(args.output_dir)
+    cache_dir = os.path.abspath(os.path.expanduser(args.cache_dir or default_cache_dir()))
+    start = time.time()
+
+    def stage(n, text):
+        print(f"\n[{n}/5] {text} ({time.time() - start:.0f}s elapsed)", flush=True)
+
+    try:
+        if args.teacher_local_path and not os.path.isfile(os.path.join(args.teacher_local_path, "config.json")):
+            raise UserError(f"--teacher-local-path {args.teacher_local_path!r} holds no config.json; "
+                            "pass a folder written by a previous demo or distill.train run")
+        os.makedirs(out, exist_ok=True)
+        os.makedirs(cache_dir, exist_ok=True)
+        stage(1, "generating the text-normalisation task")
+        task_dir = os.path.join(out, "task")
+        make_task(task_dir, seed=args.seed, n_train=sizes["n_train"],
+                  n_validation=sizes["n_validation"], n_test=sizes["n_test"])
+        with open(os.path.join(task_dir, "test.jsonl"), encoding="utf-8") as f:
+            test = [json.loads(line) for line in f][: sizes["report_samples"]]
+        print(f"e.g. {test[0]['source']!r} -> {test[0]['target']!r}", flush=True)
+
+        stage(2, "teacher")
+        teacher = args.teacher_local_path or get_teacher(
+            task_dir, out, cache_dir, sizes, args.seed, args.force_retrain_teacher)
+
+        stage(3, f"distilling a {STUDENT_LAYERS[0]}+{STUDENT_LAYERS[1]}-layer student "
+                 f"(alpha={sizes['alpha']}, T={sizes['temperature']})")
+        distilled = os.path.join(out, "student-distilled")
+        _train(teacher, task_dir, distilled, STUDENT_LAYERS, alpha=sizes["alpha"],
+               steps=sizes["student_steps"], lr=sizes["student_lr"], sizes=sizes, seed=args.seed)
+
+        stage(4, "training a CE-only student of the same shape and budget (alpha=1)")
+        ce_only = os.path.join(out, "student-ce-only")
+        _train(teacher, task_dir, ce_only, STUDENT_LAYERS, alpha=1.0,
+               steps=sizes["student_steps"], lr=sizes["student_lr"], sizes=sizes, seed=args.seed)
+
+        stage(5, f"evaluating teacher, distilled and CE-only students on {len(test)} test sentences")
+        from distill.evaluate import format_table, run_report
+
+        report = run_report(teacher, [distilled, ce_only], [r["source"] for r in test],
+                            [r["target"] for r in test], out, main_metric="exact_match",
+                            max_source_length=MAX_LEN, max_new_tokens=MAX_LEN, batch_size=32,
+                            num_beams=1, speed_repeats=sizes["speed_repeats"])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print("\nstudent = distilled, student_2 = CE-only (same shape and steps)\n" + format_table(report))
+    print(f"\nfinished in {time.time() - start:.0f}s; report in {os.path.join(out, 'report.md')}")
+    if not args.smoke:
+        for text, ok in check_targets(report):
+            print(f"  [{'ok' if ok else 'MISSED'}] {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

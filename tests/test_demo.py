@@ -1,0 +1,143 @@
+"""The demo's generated task (deterministic, well-formed, no leakage) and its end-to-end smoke run."""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from distill import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def make(tmp_path, name, seed):
+    return demo.make_task(str(tmp_path / name), seed=seed, n_train=300, n_validation=40, n_test=60)
+
+
+def test_same_seed_same_files_and_another_seed_differs(tmp_path):
+    a, b, c = make(tmp_path, "a", 3), make(tmp_path, "b", 3), make(tmp_path, "c", 4)
+    for split in ("train", "validation", "test"):
+        with open(a[split], "rb") as fa, open(b[split], "rb") as fb, open(c[split], "rb") as fc:
+            first = fa.read()
+            assert first == fb.read()
+            assert first != fc.read()
+
+
+def test_split_sizes_and_fields(tmp_path):
+    paths = make(tmp_path, "t", 0)
+    assert sorted(paths) == ["test", "train", "validation"]
+    sizes = {split: len(read(path)) for split, path in paths.items()}
+    assert sizes == {"train": 300, "validation": 40, "test": 60}
+    for row in read(paths["train"]):
+        assert set(row) == {"source", "target"}
+
+
+def test_references_are_spoken_words(tmp_path):
+    rows = [r for p in make(tmp_path, "t", 1).values() for r in read(p)]
+    for row in rows:
+        assert re.search(r"\d", row["source"]), row  # every sentence has something to normalise
+        assert not re.search(r"[\d$€£%°/:]", row["target"]), row  # ... and all of it was written out
+        assert row["target"].endswith(".") and row["target"][0].isupper()
+        assert "  " not in row["target"]
+
+
+def test_no_source_repeats_within_or_across_splits(tmp_path):
+    paths = make(tmp_path, "t", 2)
+    sources = {split: [r["source"] for r in read(p)] for split, p in paths.items()}
+    everything = sum(sources.values(), [])
+    assert len(set(everything)) == len(everything)
+    assert not set(sources["train"]) & set(sources["test"])
+
+
+@pytest.mark.parametrize("n,words", [
+    (0, "zero"), (7, "seven"), (13, "thirteen"), (40, "forty"), (42, "forty-two"),
+    (100, "one hundred"), (105, "one hundred and five"), (999, "nine hundred and ninety-nine"),
+    (1000, "one thousand"), (1005, "one thousand and five"), (2300, "two thousand three hundred"),
+    (9071, "nine thousand and seventy-one"), (4510, "four thousand five hundred and ten")])
+def test_cardinal(n, words):
+    assert demo.cardinal(n) == words
+
+
+@pytest.mark.parametrize("n,words,written", [
+    (1, "first", "1st"), (2, "second", "2nd"), (3, "third", "3rd"), (4, "fourth", "4th"),
+    (11, "eleventh", "11th"), (12, "twelfth", "12th"), (13, "thirteenth", "13th"),
+    (20, "twentieth", "20th"), (21, "twenty-first", "21st"), (32, "thirty-second", "32nd"),
+    (58, "fifty-eighth", "58th"), (99, "ninety-ninth", "99th")])
+def test_ordinal(n, words, written):
+    assert demo.ordinal(n) == words and demo.ordinal_suffix(n) == written
+
+
+@pytest.mark.parametrize("y,words", [
+    (1950, "nineteen fifty"), (1905, "nineteen oh five"), (1999, "nineteen ninety-nine"),
+    (2000, "two thousand"), (2007, "two thousand and seven"), (2010, "twenty ten"),
+    (2024, "twenty twenty-four")])
+def test_year(y, words):
+    assert demo.year(y) == words
+
+
+def test_decimal_clock_and_a_whole_sentence():
+    assert demo.decimal("3.05") == "three point zero five"
+    assert demo.decimal("12") == "twelve"
+    assert demo.clock(9, 0) == "nine o'clock" and demo.clock(9, 5) == "nine oh five"
+    assert demo.clock(14, 30) == "fourteen thirty"
+    rng = random.Random(0)
+    examples = [demo.make_example(rng) for _ in range(2000)]
+    parcel = [e for e in examples if e["source"].startswith("The parcel weighs 1 kg ")]
+    for e in parcel:  # exactly one takes the singular
+        assert e["target"].startswith("The parcel weighs one kilogram and ships on the ")
+
+
+def test_cached_teacher_is_reused_without_training(tmp_path, monkeypatch):
+    sizes = dict(demo.SMOKE)
+    cached = tmp_path / "cache" / f"teacher-{demo._teacher_key(sizes, 0)}"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    monkeypatch.setattr(demo, "_train", lambda *a, **k: pytest.fail("trained despite the cache"))
+    got = demo.get_teacher(str(tmp_path / "task"), str(tmp_path / "work"), str(tmp_path / "cache"),
+                           sizes, 0, force=False, log=lambda *_: None)
+    assert got == str(cached)
+    # Another recipe (seed, sizes) must not hit this cache entry.
+    assert demo._teacher_key(sizes, 1) != demo._teacher_key(sizes, 0)
+    assert demo._teacher_key(dict(sizes, teacher_steps=31), 0) != demo._teacher_key(sizes, 0)
+
+
+def test_cache_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path))
+    assert demo.default_cache_dir() == str(tmp_path)
+    monkeypatch.delenv(demo.CACHE_ENV)
+    assert demo.default_cache_dir().endswith(os.path.join(".cache", "seq2seq-distill"))
+
+
+def test_missing_teacher_folder_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = demo.main(["--teacher-local-path", str(tmp_path / "nope"), "--output-dir", str(out),
+                      "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --teacher-local-path") and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_smoke_end_to_end(tmp_path):
+    """`python -m distill.demo --smoke` from nothing: teacher, two students, report."""
+    env = dict(os.environ, HOME=str(tmp_path), HF_HUB_OFFLINE="1",
+               SEQ2SEQ_DISTILL_CACHE=str(tmp_path / "cache"))
+    # Keep DeepSpeed's compiled ops where they are: a new HOME would rebuild them (minutes).
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions"))
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "distill.demo", "--smoke", "--output-dir", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with open(out / "report.json", encoding="utf-8") as f:
+        report = json.load(f)
+    for key in ("speedup_b1", "speedup_b32", "quality_retention", "models"):
+        assert key in report
+    assert os.listdir(tmp_path / "cache")  # the teacher was cached for the next run
