@@ -57,10 +57,14 @@ def output_dir_lock(output_dir: str, rank: int | None = None) -> Iterator[None]:
         yield  # other ranks share rank 0's lock; a file path is reported by the output-dir check
         return
     created = not os.path.exists(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_NAME)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot write in --output-dir {output_dir!r} ({exc.strerror or exc}); "
+                            "choose a writable folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -24,6 +24,10 @@ _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTE
                   "CROSS_RANK", "CROSS_SIZE", "DISTILL_FAULT")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than 20 s (real training runs)")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
