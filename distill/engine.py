@@ -188,8 +188,10 @@ class Distiller:
     def install_signal_handlers(self):
         def handler(signum, _frame):
             # Only set a flag: the loop saves a checkpoint at the next step boundary, where the
-            # engine state is consistent on every rank.
+            # engine state is consistent on every rank. A second signal gets the default action
+            # (terminate now), so an impatient Ctrl-C still works.
             self.stop_signal = signum
+            signal.signal(signum, signal.SIG_DFL)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
@@ -207,86 +209,85 @@ class Distiller:
         bad_in_row = 0
         accum = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, ce, kl, micro-batches, tokens since last log
         t_log = time.time()
-        bar = tqdm(total=self.total_steps, initial=step, disable=self.rank != 0, desc="distill",
-                   dynamic_ncols=True)
-        micro = 0
-        epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
-        skip = (step % self.steps_per_epoch) * self.grad_accum if self.steps_per_epoch else 0
-        self.student.train()
-        t_start = time.time()
-        tokens_run = 0
-        per_epoch = self.steps_per_epoch * self.grad_accum  # micro-batches per epoch, all ranks equal
-        stop = False
-        while step < self.total_steps and not stop:
-            sampler.set_epoch(epoch)
-            for i, batch in enumerate(train_loader):
-                if i < skip:  # resume: same data order, skip what was already trained on
+        # The with-block closes the bar on every exit, so an error line never lands on the bar's line.
+        with tqdm(total=self.total_steps, initial=step, disable=self.rank != 0, desc="distill",
+                  dynamic_ncols=True) as bar:
+            micro = 0
+            epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
+            skip = (step % self.steps_per_epoch) * self.grad_accum if self.steps_per_epoch else 0
+            self.student.train()
+            t_start = time.time()
+            tokens_run = 0
+            per_epoch = self.steps_per_epoch * self.grad_accum  # micro-batches per epoch, all ranks equal
+            stop = False
+            while step < self.total_steps and not stop:
+                sampler.set_epoch(epoch)
+                for i, batch in enumerate(train_loader):
+                    if i < skip:  # resume: same data order, skip what was already trained on
+                        continue
+                    if i >= per_epoch:
+                        break
+                    loss, ce, kl = self.compute_loss(batch)
+                    loss = guard.on_train_loss(loss, step + 1, self.rank)  # guard: fault injection (tests)
+                    finite = all_reduce_sum([0.0 if torch.isfinite(loss).item() else 1.0], self.device)[0] == 0
+                    tokens = int((batch["labels"] != -100).sum())
+                    if not finite:
+                        # Every rank skips this micro-batch together (the flag was all-reduced).
+                        counters["bad_steps"] += 1
+                        bad_in_row += 1
+                        self.log(f"warning: non-finite loss at step {step + 1}; micro-batch skipped "
+                                 f"({bad_in_row} in a row, {counters['bad_steps']} in total)")
+                        if bad_in_row >= cfg.max_bad_steps:
+                            self.save(step, epoch, state)
+                            raise BadLossError(
+                                f"{bad_in_row} steps in a row had a NaN/inf loss (last at step {step + 1}); "
+                                "try --bf16 instead of --fp16, a lower --learning-rate, or a lower --temperature")
+                        continue
+                    bad_in_row = 0
+                    self.student.backward(loss)
+                    self.student.step()
+                    micro += 1
+                    counters["samples"] += int(batch["input_ids"].size(0)) * self.world_size
+                    counters["tokens"] += tokens * self.world_size
+                    tokens_run += tokens
+                    accum = [accum[0] + float(loss.detach()), accum[1] + float(ce), accum[2] + float(kl), accum[3] + 1, accum[4] + tokens]
+                    if micro % self.grad_accum:
+                        continue
+                    step += 1
+                    bar.update(1)
+                    if step % cfg.logging_steps == 0 or step == self.total_steps:
+                        loss_s, ce_s, kl_s, count, toks = all_reduce_sum(accum, self.device)
+                        dt = max(time.time() - t_log, 1e-9)
+                        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else cfg.learning_rate
+                        entry = {"step": step, "loss": loss_s / count, "ce": ce_s / count, "kl": kl_s / count,
+                                 "tokens_per_s": toks / dt, "lr": lr}
+                        history.append(entry)
+                        bar.set_postfix(loss=f"{entry['loss']:.3f}", ce=f"{entry['ce']:.3f}", kl=f"{entry['kl']:.3f}",
+                                        tok_s=f"{entry['tokens_per_s']:.0f}")
+                        accum = [0.0, 0.0, 0.0, 0.0, 0.0]
+                        t_log = time.time()
+                    if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
+                        metrics = self.evaluate(eval_loader)
+                        history.append({"step": step, **metrics})
+                        self.log(f"step {step}: eval loss {metrics['eval_loss']:.4f} (ce {metrics['eval_ce']:.4f}, "
+                                 f"kl {metrics['eval_kl']:.4f})")
+                    # A signal on any rank stops all of them at the same step boundary.
+                    stop = all_reduce_sum([1.0 if self.stop_signal else 0.0], self.device)[0] > 0
+                    if (cfg.save_steps and step % cfg.save_steps == 0) or stop:
+                        self.save(step, epoch, state)
+                    if stop or step >= self.total_steps:
+                        break
+                else:
+                    epoch, skip = epoch + 1, 0
                     continue
                 if i >= per_epoch:
-                    break
-                loss, ce, kl = self.compute_loss(batch)
-                loss = guard.on_train_loss(loss, step + 1, self.rank)  # guard: fault injection (tests)
-                finite = all_reduce_sum([0.0 if torch.isfinite(loss).item() else 1.0], self.device)[0] == 0
-                tokens = int((batch["labels"] != -100).sum())
-                if not finite:
-                    # Every rank skips this micro-batch together (the flag was all-reduced).
-                    counters["bad_steps"] += 1
-                    bad_in_row += 1
-                    self.log(f"warning: non-finite loss at step {step + 1}; micro-batch skipped "
-                             f"({bad_in_row} in a row, {counters['bad_steps']} in total)")
-                    if bad_in_row >= cfg.max_bad_steps:
-                        self.save(step, epoch, state)
-                        raise BadLossError(
-                            f"{bad_in_row} steps in a row had a NaN/inf loss (last at step {step + 1}); "
-                            "try --bf16 instead of --fp16, a lower --learning-rate, or a lower --temperature")
-                    continue
-                bad_in_row = 0
-                self.student.backward(loss)
-                self.student.step()
-                micro += 1
-                counters["samples"] += int(batch["input_ids"].size(0)) * self.world_size
-                counters["tokens"] += tokens * self.world_size
-                tokens_run += tokens
-                accum = [accum[0] + float(loss.detach()), accum[1] + float(ce), accum[2] + float(kl), accum[3] + 1, accum[4] + tokens]
-                if micro % self.grad_accum:
-                    continue
-                step += 1
-                bar.update(1)
-                if step % cfg.logging_steps == 0 or step == self.total_steps:
-                    loss_s, ce_s, kl_s, count, toks = all_reduce_sum(accum, self.device)
-                    dt = max(time.time() - t_log, 1e-9)
-                    lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else cfg.learning_rate
-                    entry = {"step": step, "loss": loss_s / count, "ce": ce_s / count, "kl": kl_s / count,
-                             "tokens_per_s": toks / dt, "lr": lr}
-                    history.append(entry)
-                    bar.set_postfix(loss=f"{entry['loss']:.3f}", ce=f"{entry['ce']:.3f}", kl=f"{entry['kl']:.3f}",
-                                    tok_s=f"{entry['tokens_per_s']:.0f}")
-                    accum = [0.0, 0.0, 0.0, 0.0, 0.0]
-                    t_log = time.time()
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
-                    metrics = self.evaluate(eval_loader)
-                    history.append({"step": step, **metrics})
-                    self.log(f"step {step}: eval loss {metrics['eval_loss']:.4f} (ce {metrics['eval_ce']:.4f}, "
-                             f"kl {metrics['eval_kl']:.4f})")
-                # A signal on any rank stops all of them at the same step boundary.
-                stop = all_reduce_sum([1.0 if self.stop_signal else 0.0], self.device)[0] > 0
-                if (cfg.save_steps and step % cfg.save_steps == 0) or stop:
-                    self.save(step, epoch, state)
-                if stop or step >= self.total_steps:
-                    break
-            else:
-                epoch, skip = epoch + 1, 0
-                continue
-            if i >= per_epoch:
-                epoch, skip = epoch + 1, 0
-        if stop:
-            bar.close()
-            return {"interrupted": True, "step": step, **state}
-        bar.close()
-        elapsed = time.time() - t_start
-        state["train_seconds"] = state.get("train_seconds", 0.0) + elapsed
-        state["train_tokens_per_s"] = all_reduce_sum([tokens_run], self.device)[0] / max(elapsed, 1e-9)
-        return {"interrupted": False, "step": step, **state}
+                    epoch, skip = epoch + 1, 0
+            if stop:
+                return {"interrupted": True, "step": step, **state}
+            elapsed = time.time() - t_start
+            state["train_seconds"] = state.get("train_seconds", 0.0) + elapsed
+            state["train_tokens_per_s"] = all_reduce_sum([tokens_run], self.device)[0] / max(elapsed, 1e-9)
+            return {"interrupted": False, "step": step, **state}
 
     def save(self, step: int, epoch: int, state: dict[str, Any]) -> str:
         import torch.distributed as dist

@@ -17,7 +17,13 @@ import re
 from typing import Any
 
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
-_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b|\b(?:sk|ghp|gho|xox[abp])-?[A-Za-z0-9_]{20,}\b")
+_SECRET_VALUE = re.compile(
+    r"\bhf_[A-Za-z0-9]{20,}\b"                           # Hugging Face tokens
+    r"|\b(?:sk|ghp|gho|ghs|ghu|xox[abp])[-_]?[A-Za-z0-9_]{20,}\b"  # OpenAI/GitHub/Slack style
+    r"|\bgithub_pat_[A-Za-z0-9_]{20,}\b"                  # GitHub fine-grained tokens
+    r"|\bAKIA[0-9A-Z]{16}\b"                              # AWS access key ids
+    r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}"                # Authorization headers
+    r"|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)")                  # user:password@ in URLs
 REDACTED = "<redacted>"
 
 

@@ -73,3 +73,13 @@ def test_real_run_writes_no_secret(reference):
             assert secret not in text, f"{secret!r} leaked into {rel}"
     config = json.loads(written["distill_config.json"])
     assert config["dataset"] == export.REDACTED and config["teacher"] == f"org/{export.REDACTED}"
+
+
+@pytest.mark.parametrize("secret", ["https://bob:hunter2x@example.org/data", "github_pat_11ABCDEFGHIJKLMNOPQRSTUV_xyz",
+                                    "AKIAABCDEFGHIJKLMNOP", "Bearer abc.def-1234567890"])
+def test_redact_catches_more_secret_shapes(secret):
+    from distill.export import redact
+
+    out = redact({"teacher": f"x {secret} y"}, [])["teacher"]
+    assert "hunter2x" not in out and "ABCDEFGHIJKLMNOP" not in out and "1234567890" not in out
+    assert out.startswith("x ") and out.endswith(" y") and "<redacted>" in out
