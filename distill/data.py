@@ -7,32 +7,26 @@ off train) and "test" when the source has one, each with exactly two string colu
 UserError naming the file and line, because a traceback from deep inside a data library names
 neither and a silently shrunk dataset hides a broken export.
 
-jsonl/csv/tsv are read here with the json/csv modules and strict UTF-8 instead of the `datasets`
-json/csv builders: those builders report malformed lines without a line number and can guess
-column types from the first rows. Parquet, `save_to_disk` and the Hub go through datasets/pyarrow.
+This module decides which files make which split; reading one file (strict UTF-8, line-numbered
+errors) lives in distill.data_files. `save_to_disk` and the Hub go through datasets/pyarrow.
 """
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
 import threading
 
 import numpy as np
-import pyarrow as pa
-from datasets import Dataset, DatasetDict, Value, concatenate_datasets
+from datasets import Dataset, DatasetDict, concatenate_datasets
 
+from distill.data_files import FILE_TYPES, as_text, first_line, read_file, select_columns
 from distill.errors import UserError
 
-FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 # Names a split goes by in the wild, mapped to the three this toolkit uses.
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
                  "valid": "validation", "val": "validation", "dev": "validation",
                  "test": "test", "testing": "test"}
 HUB_PROBE_TIMEOUT_S = 10.0
 _CHUNK_ROWS = 10_000
-_FLAGS = {"source": "--dataset-input-column", "target": "--dataset-target-column"}
 
 
 def load_raw_splits(dataset: str | None, dataset_local_path: str | None, input_column: str,
@@ -91,7 +85,7 @@ def _load_local(path: str, columns: dict, log) -> dict:
                         "file train.<ext>, or any name other than validation/val/valid/dev/test")
     log(f"data: {path}: " + ", ".join(f"{s} <- {', '.join(os.path.basename(f) for f in fs)}"
                                       for s, fs in sorted(by_split.items())))
-    return {split: (concatenate_datasets([_read_file(f, columns, log) for f in fs]),
+    return {split: (concatenate_datasets([read_file(f, columns, log) for f in fs]),
                     fs[0] if len(fs) == 1 else path)
             for split, fs in by_split.items()}
 
@@ -116,187 +110,6 @@ def _split_of(file: str, root: str) -> str:
     return "train"
 
 
-def _read_file(path: str, columns: dict, log) -> Dataset:
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in FILE_TYPES:
-        raise UserError(f"unsupported data file type '{ext or os.path.basename(path)}' ({path}); "
-                        f"convert it to one of {', '.join(FILE_TYPES)}")
-    if ext == ".parquet":
-        return _read_parquet(path, columns, log)
-    rows = _json_rows(path) if ext in (".json", ".jsonl") else _csv_rows(path, "\t" if ext == ".tsv" else ",")
-    return _rows_to_dataset(rows, path, columns, log)
-
-
-def _decoded_lines(path: str):
-    """Yield (line number, text) with strict UTF-8, naming the line of any undecodable byte."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path} line {number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                f"{e.start + 1}); re-save the file as UTF-8 or remove the line") from None
-            yield number, text.lstrip("\ufeff") if number == 1 else text
-
-
-def _json_rows(path: str):
-    """Yield (line, object) from JSON lines, or from one JSON array/object spanning the file."""
-    lines = _decoded_lines(path)
-    first = next(((n, t) for n, t in lines if t.strip()), None)
-    if first is None:
-        return
-    number, text = first
-    if text.lstrip().startswith("[") or (path.lower().endswith(".json") and not _is_complete_json(text)):
-        yield from _json_document(path, text + "".join(t for _, t in lines))
-        return
-    yield number, _parse_json_line(path, number, text)
-    for number, text in lines:
-        if text.strip():
-            yield number, _parse_json_line(path, number, text)
-
-
-def _is_complete_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    except (ValueError, RecursionError):
-        pass  # complete but unreadable: parsing it as a line reports it with its line number
-    return True
-
-
-def _parse_json_line(path: str, number: int, text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} line {number}: invalid JSON ({e.msg} at column {e.colno}); "
-                        "fix or remove the line") from None
-    except (ValueError, RecursionError) as e:  # an integer over 4300 digits, nesting too deep
-        raise UserError(f"{path} line {number}: unreadable JSON ({_first_line(e)}); fix or remove the line") from None
-
-
-def _json_document(path: str, text: str):
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                        "fix the file or write it as JSON lines (one object per line)") from None
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{path}: unreadable JSON ({_first_line(e)}); fix the file") from None
-    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
-        doc = doc["data"]  # the {"data": [...]} layout some exporters write
-    if not isinstance(doc, list):
-        doc = [doc]
-    # A single document has no per-row line numbers; name the row instead.
-    yield from ((f"row {i}", row) for i, row in enumerate(doc, start=1))
-
-
-def _csv_rows(path: str, delimiter: str):
-    # 1 MB fields must load; the csv module's default limit is 128 KiB.
-    csv.field_size_limit(2**31 - 1)
-    lines = (text for _, text in _decoded_lines(path))
-    # strict: a stray opening quote stops the load instead of silently swallowing the lines after it.
-    reader = csv.reader(lines, delimiter=delimiter, strict=True)
-    start = 1
-    try:
-        header = next(reader, None)
-        while header is not None:
-            start = reader.line_num + 1
-            fields = next(reader, None)
-            if fields is None:
-                return
-            if fields:  # skip empty lines; a line of spaces is a row and gets counted
-                # A short row lacks its trailing columns: they are missing (counted), not "".
-                yield start, {**dict.fromkeys(header, _MISSING), **dict(zip(header, fields))}
-    except csv.Error as e:
-        lines_at = f"line {start}" if reader.line_num <= start else f"lines {start}-{reader.line_num}"
-        raise UserError(f"{path} {lines_at}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e}); "
-                        'a field that starts with a double quote must end with one ("" inside); '
-                        "fix or remove the line") from None
-
-
-def _rows_to_dataset(rows, path: str, columns: dict, log) -> Dataset:
-    """Keep the two wanted fields of each row as text; count rows lacking one and numbers converted."""
-    out = {"source": [], "target": []}
-    seen: dict[str, None] = {}
-    total = missing = converted = 0
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise UserError(f"{path} {_at(where)}: expected an object with fields {columns['source']!r} and "
-                            f"{columns['target']!r}, found {type(row).__name__}; fix or remove it")
-        total += 1
-        seen.update(dict.fromkeys(map(str, row)))
-        values = {role: _text_value(_lookup(row, name), path, where, role, name) for role, name in columns.items()}
-        if _MISSING in values.values():
-            missing += 1
-            continue
-        converted += sum(isinstance(v, _Converted) for v in values.values())
-        out["source"].append(values["source"])
-        out["target"].append(values["target"])
-    if total and missing == total:
-        for role, name in columns.items():
-            if _lookup(dict.fromkeys(seen), name) is _MISSING:
-                raise _column_error(name, role, list(seen), path)
-    if missing:
-        log(f"data: {path}: dropped {missing} of {total} rows missing column "
-            f"{columns['source']!r} or {columns['target']!r}")
-    if converted:
-        log(f"data: {path}: converted {converted} numeric values to text")
-    return Dataset(pa.table({k: pa.array(v, type=pa.string()) for k, v in out.items()}))
-
-
-class _Converted(str):
-    """A number turned into text, marked so it can be counted."""
-
-
-def _text_value(value, path: str, where, role: str, name: str):
-    if value is _MISSING or value is None:
-        return value
-    if isinstance(value, (bool, int, float)):
-        return None if isinstance(value, float) and math.isnan(value) else _Converted(value)
-    if not isinstance(value, str):
-        raise UserError(f"{path} {_at(where)}: column {name!r} holds a {type(value).__name__}, expected "
-                        f"text; pick a text column with {_FLAGS[role]} (nested fields as a.b)")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # JSON "\ud800" escapes decode to lone surrogates, which are not text
-        raise UserError(f"{path} {_at(where)}: column {name!r} holds an unpaired surrogate escape "
-                        "(\\ud800-\\udfff), which is not valid Unicode; fix or remove the line") from None
-    return value
-
-
-_MISSING = object()
-
-
-def _lookup(row: dict, name: str):
-    """row[name], or a nested field for dotted names ("translation.en"); _MISSING when absent."""
-    if name in row:
-        return row[name]
-    value = row
-    for part in name.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
-
-
-def _at(where) -> str:
-    return f"line {where}" if isinstance(where, int) else str(where)
-
-
-def _read_parquet(path: str, columns: dict, log) -> Dataset:
-    import pyarrow.parquet as pq
-
-    try:
-        names = pq.read_schema(path).names
-        wanted = list(dict.fromkeys(columns.values()))
-        table = pq.read_table(path, columns=wanted if set(wanted) <= set(names) else None)
-    except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{path} is not a readable parquet file ({_first_line(e)}); "
-                        "re-export it or convert it to jsonl") from None
-    return _as_text(_select_columns(Dataset(table), columns, path), path, log)
-
-
 def _load_saved(path: str, columns: dict, log) -> dict:
     from datasets import load_from_disk
 
@@ -307,7 +120,7 @@ def _load_saved(path: str, columns: dict, log) -> dict:
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-save it") from None
     if isinstance(loaded, Dataset):
         log(f"data: {path}: a single saved Dataset, used as train")
-        return {"train": (_as_text(_select_columns(loaded, columns, path), path, log), path)}
+        return {"train": (as_text(select_columns(loaded, columns, path), path, log), path)}
     return _pick_splits(loaded, columns, path, log)
 
 
@@ -319,7 +132,7 @@ def _pick_splits(dd, columns: dict, name: str, log) -> dict:
             log(f"data: {name}: ignoring split {split!r}")
             continue
         where = f"{name} ({split} split)"
-        picked[role] = (_as_text(_select_columns(ds, columns, where), where, log), where)
+        picked[role] = (as_text(select_columns(ds, columns, where), where, log), where)
     if "train" not in picked:
         raise UserError(f"{name} has no train split (found: {', '.join(dd) or 'none'}); "
                         "provide one named train")
@@ -349,10 +162,10 @@ def _load_hub(dataset: str, columns: dict, trust_remote_code: bool, log) -> dict
         dd = datasets.load_dataset(name, config or None, **kwargs)
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as e:
         where = "in the offline Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the Hugging Face Hub"
-        raise UserError(f"dataset {name!r} could not be loaded {where} ({_first_line(e)}); check the name, "
+        raise UserError(f"dataset {name!r} could not be loaded {where} ({first_line(e)}); check the name, "
                         "or pass --dataset-local-path with a local copy instead") from None
     except (ValueError, OSError) as e:  # e.g. a missing or unknown config name
-        raise UserError(f"dataset {name!r} could not be loaded ({_first_line(e)}); "
+        raise UserError(f"dataset {name!r} could not be loaded ({first_line(e)}); "
                         "pick a config with --dataset NAME:CONFIG or pass --dataset-local-path") from None
     return _pick_splits(dd, columns, name, log)
 
@@ -371,7 +184,7 @@ def _hub_unreachable(name: str) -> str | None:
             get_session().head(f"{constants.ENDPOINT}/api/datasets/{name}", timeout=HUB_PROBE_TIMEOUT_S)
             result.append(None)
         except Exception as e:  # any transport failure means "unreachable" here
-            result.append(f"{type(e).__name__}: {_first_line(e)}")
+            result.append(f"{type(e).__name__}: {first_line(e)}")
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
@@ -379,47 +192,7 @@ def _hub_unreachable(name: str) -> str | None:
     return result[0] if result else f"no answer within {HUB_PROBE_TIMEOUT_S:.0f} s"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
 # ----------------------------------------------------------------------------- cleaning
-
-def _select_columns(ds: Dataset, columns: dict, where: str) -> Dataset:
-    names = list(ds.column_names)
-    if any(c not in names and "." in c for c in columns.values()):
-        ds = ds.flatten()  # nested fields ("translation.en") become top-level columns
-    for role, name in columns.items():
-        if name not in ds.column_names:
-            raise _column_error(name, role, names, where)
-    if columns["source"] == columns["target"]:
-        ds = ds.add_column("__target__", ds[columns["target"]])
-        columns = {"source": columns["source"], "target": "__target__"}
-    ds = ds.select_columns([columns["source"], columns["target"]])
-    return ds.rename_columns({columns["source"]: "source", columns["target"]: "target"})
-
-
-def _column_error(name: str, role: str, existing: list, where: str) -> UserError:
-    return UserError(f"column {name!r} not found in {where}; columns found: "
-                     f"{', '.join(map(str, existing)) or 'none'}; pass one of them with {_FLAGS[role]}")
-
-
-def _as_text(ds: Dataset, where: str, log) -> Dataset:
-    """Cast source/target to plain strings (numbers become text, counted) so splits concatenate."""
-    for col in ("source", "target"):
-        feature = ds.features[col]
-        dtype = getattr(feature, "dtype", "")
-        if not isinstance(feature, Value) or not (dtype in ("string", "large_string", "null", "bool")
-                                                  or dtype.startswith(("int", "uint", "float", "decimal"))):
-            raise UserError(f"column {col!r} of {where} holds {feature}, expected text; pick a text column "
-                            f"with {_FLAGS[col]} (nested fields as a.b)")
-        if dtype not in ("string", "large_string", "null"):
-            log(f"data: {where}: converted {len(ds) - ds.data.column(col).null_count} numeric {col} values to text")
-        if dtype != "string":
-            ds = ds.cast_column(col, Value("string"))
-    return ds
-
 
 def _drop_empty(ds: Dataset, split: str, where: str, log) -> Dataset:
     """Drop rows where source or target is null or blank, log the count; refuse an empty result."""
