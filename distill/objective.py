@@ -106,12 +106,12 @@ class Objective:
 
         s_w, s_b = student_head
         needs_teacher = self.alpha < 1.0
-        if self.impl == "fused" and needs_teacher:
-            t_w, t_b = teacher_head
+        if self.impl == "fused":
+            t_w, t_b = teacher_head if needs_teacher else (None, None)
             return kernels.fused_linear_distill_loss(
-                student_hidden, s_w, labels, teacher_hidden=teacher_hidden, teacher_weight=t_w,
-                student_bias=s_b, teacher_bias=t_b, alpha=self.alpha, temperature=self.temperature,
-                ignore_index=IGNORE_INDEX)
+                student_hidden, s_w, labels, teacher_hidden=teacher_hidden if needs_teacher else None,
+                teacher_weight=t_w, student_bias=s_b, teacher_bias=t_b, alpha=self.alpha,
+                temperature=self.temperature, ignore_index=IGNORE_INDEX)
         student_logits = F.linear(student_hidden, s_w, s_b)
         teacher_logits = None
         if needs_teacher:

@@ -43,7 +43,9 @@ class FusedLinearDistill(torch.autograd.Function):
         lab = labels.reshape(-1)
         if lab.numel() != n_rows:
             raise ValueError(f"labels has {lab.numel()} positions, expected {n_rows} (one per token)")
-        if teacher_logits is not None:
+        if teacher_logits is None and teacher_hidden is None:
+            t_all = None  # alpha == 1: labels only; the KL term is 0 (see below)
+        elif teacher_logits is not None:
             t_all = flatten_rows(teacher_logits, "teacher_logits", vocab)
             if t_all.shape[0] != n_rows:
                 raise ValueError(f"teacher_logits has {t_all.shape[0]} rows, expected {n_rows}")
@@ -89,7 +91,11 @@ class FusedLinearDistill(torch.autograd.Function):
             s, t, u = s_buf[:r], t_buf[:r], u_buf[:r]
             h = h_all[i:j]
             _logits_into(s, h, weight, bias)
-            if teacher_logits is not None:
+            if t_all is None:
+                # No teacher (alpha == 1): teacher := student makes KL exactly 0, and its gradient
+                # weight c_kl is 0, so the chunk step stays one code path.
+                t.copy_(s)
+            elif teacher_logits is not None:
                 t.copy_(t_all[i:j])
             else:
                 _logits_into(t, t_all[i:j], teacher_weight, teacher_bias)
@@ -147,7 +153,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, labels, *, teacher
     student_hidden: (N, H) or (B, T, H); student_weight: (V, H) (the lm_head); student_bias:
     optional (V,) (BART's final_logits_bias). labels: (N,) or (B, T), ignore_index masks.
     The teacher is either teacher_logits (N, V) / (B, T, V) or teacher_hidden (N, H_t) with
-    teacher_weight (V, H_t) and optional teacher_bias (V,); it never receives a gradient.
+    teacher_weight (V, H_t) and optional teacher_bias (V,); it never receives a gradient. With
+    alpha == 1 the teacher may be omitted (labels only; kl is then 0).
     CE uses the T = 1 student logits; KL uses softmax(./T) of both. Both are means over
     unmasked tokens (an all-masked batch gives 0 and zero gradients). Math in float32.
     Returns (loss, ce, kl): loss carries the gradient; ce and kl are detached float32 scalars.
@@ -156,8 +163,10 @@ def fused_linear_distill_loss(student_hidden, student_weight, labels, *, teacher
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if (teacher_logits is None) == (teacher_hidden is None):
-        raise ValueError("give the teacher either as teacher_logits or as teacher_hidden + teacher_weight")
+    if teacher_logits is not None and teacher_hidden is not None:
+        raise ValueError("give the teacher either as teacher_logits or as teacher_hidden + teacher_weight, not both")
+    if teacher_logits is None and teacher_hidden is None and alpha != 1.0:
+        raise ValueError(f"alpha={alpha} < 1 needs a teacher: pass teacher_logits or teacher_hidden + teacher_weight")
     if teacher_hidden is not None and teacher_weight is None:
         raise ValueError("teacher_hidden needs teacher_weight (the teacher's lm_head, (V, H_t))")
     # The teacher is a constant here; detaching keeps autograd from tracking it at all.

@@ -96,6 +96,21 @@ def test_alpha_one_equals_cross_entropy():
     assert rel_err(g, g2) < 1e-5
 
 
+def test_alpha_one_without_teacher_equals_cross_entropy():
+    """Labels-only training (the demo's teacher, CE-only baselines) needs no teacher at all."""
+    x = make()
+    h = x["student_hidden"].float().requires_grad_(True)
+    w = x["student_weight"].float().requires_grad_(True)
+    b = torch.randn(w.shape[0]).requires_grad_(True)
+    loss, ce, kl = fused_linear_distill_loss(h, w, x["labels"], student_bias=b, alpha=1.0, chunk_size=3)
+    grads = torch.autograd.grad(loss, (h, w, b))
+    h2, w2, b2 = (t.detach().clone().requires_grad_(True) for t in (h, w, b))
+    ref = F.cross_entropy(h2 @ w2.t() + b2, x["labels"])
+    ref_grads = torch.autograd.grad(ref, (h2, w2, b2))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6) and kl.item() == 0.0
+    assert all(rel_err(g, g2) < 1e-5 for g, g2 in zip(grads, ref_grads))
+
+
 def test_identical_teacher_and_student_give_zero_kl():
     x = make()
     h, w, b = (x[k].float() for k in STUDENT)
@@ -173,8 +188,11 @@ def test_no_grad_forward_and_frozen_weight():
 def test_bad_arguments_raise():
     x = make()
     h, w = x["student_hidden"].float(), x["student_weight"].float()
-    with pytest.raises(ValueError, match="either"):
+    with pytest.raises(ValueError, match="needs a teacher"):
         fused_linear_distill_loss(h, w, x["labels"])
+    with pytest.raises(ValueError, match="not both"):
+        fused_linear_distill_loss(h, w, x["labels"], teacher_logits=h @ w.t(), teacher_hidden=h,
+                                  teacher_weight=w)
     with pytest.raises(ValueError, match="alpha"):
         fused_linear_distill_loss(h, w, x["labels"], teacher_logits=h @ w.t(), alpha=1.5)
     with pytest.raises(ValueError, match="teacher_weight"):
