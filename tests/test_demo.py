@@ -107,6 +107,8 @@ def test_cached_teacher_is_reused_without_training(tmp_path, monkeypatch):
     # Another recipe (seed, sizes) must not hit this cache entry.
     assert demo._teacher_key(sizes, 1) != demo._teacher_key(sizes, 0)
     assert demo._teacher_key(dict(sizes, teacher_steps=31), 0) != demo._teacher_key(sizes, 0)
+    # ... but the students' settings do not concern the teacher.
+    assert demo._teacher_key(dict(sizes, student_steps=99, alpha=0.1), 0) == demo._teacher_key(sizes, 0)
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
@@ -123,6 +125,28 @@ def test_missing_teacher_folder_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --teacher-local-path") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_failed_training_run_ends_the_demo_with_its_exit_code(tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise demo._StageFailed(2)
+
+    monkeypatch.setattr(demo, "_train", failing)
+    code = demo.main(["--smoke", "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")])
+    assert code == 2
+    assert not [p for p in os.listdir(tmp_path / "c") if not p.endswith(".partial")]  # nothing cached
+
+
+def test_check_targets_reports_each_promise():
+    def report(teacher, student, ce, b1, b32):
+        return {"main_metric": "exact_match", "speedup_b1": b1, "speedup_b32": b32,
+                "quality_retention": student / teacher,
+                "models": {"teacher": {"exact_match": teacher}, "student": {"exact_match": student},
+                           "student_2": {"exact_match": ce}}}
+
+    assert all(ok for _, ok in demo.check_targets(report(99.0, 96.0, 80.0, 2.5, 3.0)))
+    missed = [ok for _, ok in demo.check_targets(report(85.0, 70.0, 75.0, 2.5, 1.5))]
+    assert missed == [False, False, False, False]
 
 
 @pytest.mark.slow
