@@ -90,14 +90,18 @@ class Distiller:
     def load_teacher(self, source: str):
         from distill import models
 
-        self._hf_ds_config = None  # keeps transformers' zero-3 switch alive while loading
+        # transformers reads the checkpoint under ZeRO-3 init (partitioned) only while an
+        # HfDeepSpeedConfig object is alive (it keeps a weak reference). It must be gone again
+        # before the student is built, or the student would be partitioned too.
+        hf_zero3_switch = None
         if self.teacher_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
             self.teacher_ds_conf = teacher_ds_config(self.cfg, prec=self.prec)
-            self._hf_ds_config = HfDeepSpeedConfig(self.teacher_ds_conf)
+            hf_zero3_switch = HfDeepSpeedConfig(self.teacher_ds_conf)
         teacher = models.load_teacher(source, self.cfg.model_type, dtype=DTYPES[self.prec],
                                       trust_remote_code=self.cfg.trust_remote_code)
+        del hf_zero3_switch
         line, self.teacher_memory = teacher_memory_line(teacher)
         self.log(line, all_ranks=True)
         return teacher

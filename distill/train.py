@@ -136,7 +136,6 @@ def run(cfg: DistillConfig) -> int:
         log(f"--resume: no complete checkpoint in {cfg.output_dir}; starting from scratch")
 
     teacher = distiller.load_teacher(source)
-    distiller._hf_ds_config = None  # the student must not be built partitioned (ZeRO-3 switch off)
     torch.manual_seed(cfg.seed)
     student, info = models.build_student(
         teacher_config, make_tensor_getter(teacher), num_encoder_layers=cfg.num_encoder_layers,
