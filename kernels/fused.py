@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from ._core import check_temperature, chunk_grad, chunk_step, default_fused_chunk_size, flatten_rows
 
 
@@ -61,6 +62,9 @@ class FusedLinearDistill(torch.autograd.Function):
         valid = lab != ignore_index
         maskf = valid.to(torch.float32).view(-1, 1)
         safe_lab = torch.where(valid, lab, torch.zeros_like(lab)).view(-1, 1)
+        if n_rows and bool(((safe_lab < 0) | (safe_lab >= vocab)).any()):
+            bad = lab[valid & ((lab < 0) | (lab >= vocab))][0].item()
+            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {bad}")
         n_valid = int(valid.sum().item())
         denom = max(n_valid, 1)
         c_ce = alpha / denom
@@ -75,9 +79,11 @@ class FusedLinearDistill(torch.autograd.Function):
 
         dev = h_all.device
         f32 = dict(dtype=torch.float32, device=dev)
+        # The native row step (CPU) needs two scratch blocks; the eager path a third.
+        fast = native.get() if dev.type == "cpu" else None
         s_buf = torch.empty(chunk, vocab, **f32)
-        t_buf = torch.empty(chunk, vocab, **f32)
-        u_buf = torch.empty(chunk, vocab, **f32)
+        t_buf = torch.empty(chunk, vocab, **f32) if t_all is not None or fast is None else None
+        u_buf = torch.empty(chunk, vocab, **f32) if fast is None else None
         grad_h = torch.empty_like(h_all) if need_h else None
         # grad weight/bias are summed over every chunk: one float32 buffer, addmm_ in place.
         grad_w = torch.zeros(weight.shape, **f32) if need_w else None
@@ -88,24 +94,34 @@ class FusedLinearDistill(torch.autograd.Function):
         for i in range(0, n_rows, chunk):
             j = min(i + chunk, n_rows)
             r = j - i
-            s, t, u = s_buf[:r], t_buf[:r], u_buf[:r]
+            s = s_buf[:r]
+            t = None if t_buf is None else t_buf[:r]
             h = h_all[i:j]
             _logits_into(s, h, weight, bias)
             if t_all is None:
-                # No teacher (alpha == 1): teacher := student makes KL exactly 0, and its gradient
-                # weight c_kl is 0, so the chunk step stays one code path.
-                t.copy_(s)
+                # No teacher (alpha == 1): the eager path uses teacher := student, which makes
+                # KL exactly 0 and keeps one code path (its gradient weight c_kl is 0); the
+                # native step simply skips the teacher.
+                if fast is None:
+                    t.copy_(s)
             elif teacher_logits is not None:
                 t.copy_(t_all[i:j])
             else:
                 _logits_into(t, t_all[i:j], teacher_weight, teacher_bias)
             m, lab_c = maskf[i:j], safe_lab[i:j]
-            st = chunk_step(s, t, u, inv_t, labels=lab_c)
-            ce_sum += (st["ce"] * m).sum()
-            kl_sum += (st["kl"] * m).sum()
+            if fast is not None:
+                row_ce, row_kl = native.rowstep(fast, s, t, lab_c, m, inv_t, c_ce, c_kl, need_any)
+                ce_sum += (row_ce * m.view(-1)).sum()
+                kl_sum += (row_kl * m.view(-1)).sum()
+                g = s
+            else:
+                st = chunk_step(s, t, u_buf[:r], inv_t, labels=lab_c)
+                ce_sum += (st["ce"] * m).sum()
+                kl_sum += (st["kl"] * m).sum()
+                if need_any:
+                    g = chunk_grad(s, u_buf[:r], st, m, c_ce, c_kl, labels=lab_c)
             if not need_any:
                 continue
-            g = chunk_grad(s, u, st, m, c_ce, c_kl, labels=lab_c)
             if need_b:
                 grad_b.add_(g.sum(0))
             if need_h:

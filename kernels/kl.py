@@ -1,8 +1,8 @@
 """chunked_kl_div: T^2 * KL(teacher || student) from logits, one block of tokens at a time.
 
 A plain `kl_div(log_softmax(s/T), log_softmax(t/T))` keeps three or four float32 (tokens x
-vocab) tensors alive through backward. Here the forward walks over row chunks with three
-float32 (chunk x vocab) scratch blocks and, when the student logits need a gradient, writes
+vocab) tensors alive through backward. Here the forward walks over row chunks with two
+float32 (chunk x vocab) scratch blocks (three on the eager path, see kernels/native.py) and, when the student logits need a gradient, writes
 that gradient (in the logits' dtype) chunk by chunk during the forward pass: it is the only
 full-size tensor the loss allocates, and backward only scales it.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from ._core import check_temperature, chunk_grad, chunk_step, default_chunk_size, flatten_rows
 
 
@@ -49,19 +50,26 @@ class ChunkedKLDiv(torch.autograd.Function):
         direct = need_grad and s_all.dtype == torch.float32
         s_buf = None if direct else torch.empty(chunk, vocab, **f32)
         t_buf = torch.empty(chunk, vocab, **f32)
-        u_buf = torch.empty(chunk, vocab, **f32)
+        fast = native.get() if s_all.device.type == "cpu" else None
+        u_buf = torch.empty(chunk, vocab, **f32) if fast is None else None  # eager path only
         total = torch.zeros((), dtype=torch.float64, device=s_all.device)
         for i in range(0, n_rows, chunk):
             j = min(i + chunk, n_rows)
             r = j - i
             s = grad[i:j] if direct else s_buf[:r]
-            t, u = t_buf[:r], u_buf[:r]
+            t = t_buf[:r]
             s.copy_(s_all[i:j])
             t.copy_(t_all[i:j])
-            st = chunk_step(s, t, u, inv_t)
-            total += (st["kl"] * maskf[i:j]).sum()
+            if fast is not None:
+                _, row_kl = native.rowstep(fast, s, t, None, maskf[i:j], inv_t, 0.0, c_kl, need_grad)
+                total += (row_kl * maskf[i:j].view(-1)).sum()
+            else:
+                u = u_buf[:r]
+                st = chunk_step(s, t, u, inv_t)
+                total += (st["kl"] * maskf[i:j]).sum()
+                if need_grad:
+                    chunk_grad(s, u, st, maskf[i:j], 0.0, c_kl)
             if need_grad:
-                chunk_grad(s, u, st, maskf[i:j], 0.0, c_kl)
                 if not direct:
                     grad[i:j].copy_(s)
         loss = (total * (temperature**2 / max(n_valid, 1))).to(torch.float32)

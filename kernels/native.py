@@ -1,0 +1,154 @@
+"""The native CPU row step (kernels/_rowstep.c): built at first use, loaded with ctypes.
+
+One call does, for a float32 chunk of student (and teacher) logits, what chunk_step +
+chunk_grad do in ~20 eager torch passes: per-row CE, KL and the gradient written over the
+student block, in three passes per row that stay in the L2 cache (measured 3.5x faster per
+chunk at vocab 50265 on a 2-core Xeon; `python -m kernels.bench` prints the effect).
+
+The source is plain C without torch headers, so building it takes about a second with the
+system C compiler (`$CC`, else `cc`). It is compiled with -march=native, so the cached library
+is keyed by the source, the flags, the compiler and this CPU's feature flags (a home directory
+shared by different machines gets one library per CPU kind). The cache is
+$SEQ2SEQ_DISTILL_CACHE/kernels, else ~/.cache/seq2seq-distill/kernels; a build is written to
+a temporary name and renamed, so ranks starting together cannot load a half-written file.
+
+When there is no compiler, the build fails, or SEQ2SEQ_DISTILL_NATIVE=0 is set, the losses use
+the eager torch path: same results within float rounding, slower. `status()` says which runs.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("kernels.native")
+
+SOURCE = Path(__file__).with_name("_rowstep.c")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd",
+         "-fPIC", "-shared", "-pthread"]
+ENV_SWITCH = "SEQ2SEQ_DISTILL_NATIVE"
+
+_lib = None
+_reason = "not loaded yet"
+_tried = False
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SEQ2SEQ_DISTILL_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "seq2seq-distill"
+    return base / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc) or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    out = cache_dir() / f"rowstep-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".rowstep-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                              text=True, timeout=300)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{cc} exited {proc.returncode}: {last[:200]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load():
+    global _lib, _reason, _tried
+    _tried = True
+    cc = _compiler()
+    if cc is None:
+        _reason = "no C compiler found ($CC, cc, gcc, clang)"
+        return
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+        fn = lib.distill_rowstep
+    except Exception as e:  # any build or load failure means: use the eager path
+        _reason = f"build or load failed: {type(e).__name__}: {e}"
+        log.warning("native loss kernel unavailable (%s); using the eager torch path (same results, slower)", _reason)
+        return
+    P, I64, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, F, F, F, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    _lib = fn
+    _reason = "native"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def get():
+    """The loaded C function, or None (eager path) when switched off or unavailable."""
+    if not enabled():
+        return None
+    if not _tried:
+        _load()
+    return _lib
+
+
+def status() -> str:
+    """'native', or why the eager torch path runs."""
+    if not enabled():
+        return f"eager ({ENV_SWITCH}=0)"
+    get()
+    return "native" if _lib is not None else f"eager ({_reason})"
+
+
+def usable(*blocks) -> bool:
+    """True when every block is a float32 CPU tensor with unit column stride."""
+    return all(b is None or (b.device.type == "cpu" and b.dtype == torch.float32 and b.stride(-1) == 1)
+               for b in blocks)
+
+
+def rowstep(fn, s, t, labels, maskf, inv_t, c_ce, c_kl, want_grad):
+    """Per-row ce and kl, (r,) float32, for the chunk s (and teacher t, or None). Overwrites t;
+    with want_grad writes d loss / d s over s. labels: (r,) int64 with ignored positions
+    already replaced by a valid index, or None (no CE). maskf: (r,) float32."""
+    r, vocab = s.shape
+    if t is not None and (t.shape != s.shape or t.stride(0) != s.stride(0)):
+        raise ValueError("native rowstep: student and teacher blocks must have the same layout")
+    ce = torch.empty(r, dtype=torch.float32)
+    kl = torch.empty(r, dtype=torch.float32)
+    labels = None if labels is None else labels.reshape(-1).contiguous()
+    maskf = maskf.reshape(-1).contiguous()
+    rc = fn(s.data_ptr(), None if t is None else t.data_ptr(),
+            None if labels is None else labels.data_ptr(), maskf.data_ptr(), ce.data_ptr(),
+            kl.data_ptr(), r, vocab, s.stride(0), float(inv_t), float(c_ce), float(c_kl),
+            1 if want_grad else 0, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("native rowstep: could not allocate a scratch row")
+    return ce, kl
