@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from . import native
 from . import chunked_kl_div, fused_linear_distill_loss, naive_distill_loss, naive_kl_div
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,6 +70,29 @@ def make_inputs(case, device):
     return x
 
 
+# The matmuls each row's loss must do (its floor): student logits, grad hidden, grad weight,
+# and the teacher's logits when the teacher comes as hidden states. None: no matmul (KL rows).
+FLOOR_TEACHER = {"floor": True, "naive": True, "fused_hidden": True, "fused_hidden_eager": True, "liger": True,
+                 "fused_logits": False}
+
+
+def floor_step(x, with_teacher):
+    """The bare matmuls at full size, into preallocated outputs."""
+    h, w, th, tw = x["h"], x["w"], x["th"], x["tw"]
+    out = torch.empty(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)
+    gh, gw = torch.empty_like(h), torch.empty_like(w)
+
+    def step():
+        with torch.no_grad():
+            torch.mm(h, w.t(), out=out)
+            if with_teacher:
+                torch.mm(th, tw.t(), out=out)
+            torch.mm(out, w, out=gh)
+            torch.mm(out.t(), h, out=gw)
+        return None, []
+    return step
+
+
 def build(row, case, x, liger_mode):
     """-> (step() running forward+backward and returning (loss, [grads]), note)."""
     h, w, th, tw, lab = x["h"], x["w"], x["th"], x["tw"], x["labels"]
@@ -88,23 +112,13 @@ def build(row, case, x, liger_mode):
             return loss, [s_logits.grad]
         return step, ""
     if row == "floor":
-        out = torch.empty(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)
-        gh, gw = torch.empty_like(h), torch.empty_like(w)
-
-        def step():
-            # The matmuls any exact loss must do: both forward logits, grad hidden, grad weight.
-            torch.mm(h, w.t(), out=out)
-            torch.mm(th, tw.t(), out=out)
-            torch.mm(out, w, out=gh)
-            torch.mm(out.t(), h, out=gw)
-            return None, []
-        return step, ""
+        return floor_step(x, with_teacher=True), ""
     h.requires_grad_(True)
     w.requires_grad_(True)
     if row == "naive":
         def loss_fn():
             return naive_distill_loss(h, w, lab, teacher_hidden=th, teacher_weight=tw, **kw)[0]
-    elif row == "fused_hidden":
+    elif row in ("fused_hidden", "fused_hidden_eager"):
         def loss_fn():
             return fused_linear_distill_loss(h, w, lab, teacher_hidden=th, teacher_weight=tw, **kw)[0]
     elif row == "fused_logits":
@@ -132,6 +146,21 @@ def build(row, case, x, liger_mode):
 
 
 def run_row(spec):
+    """Run one row; an "_eager" row switches the native row step off for its own duration."""
+    if not spec["row"].endswith("_eager"):
+        return _run_row(spec)
+    saved = os.environ.get(native.ENV_SWITCH)
+    os.environ[native.ENV_SWITCH] = "0"
+    try:
+        return _run_row(spec)
+    finally:
+        if saved is None:
+            del os.environ[native.ENV_SWITCH]
+        else:
+            os.environ[native.ENV_SWITCH] = saved
+
+
+def _run_row(spec):
     case, row = spec["case"], spec["row"]
     device = torch.device(spec.get("device", "cpu"))
     torch.set_num_threads(spec["threads"])
@@ -141,14 +170,28 @@ def run_row(spec):
     except Exception as e:  # an optional competitor that cannot run here is a row, not a crash
         return {"row": row, "error": f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # This row's own matmul floor, timed alternately with the row in this same process: on a
+    # shared machine the speed drifts by tens of percent between processes, so a ratio is
+    # only meaningful between runs taken side by side. Its buffers exist before the memory
+    # baseline is taken and are never counted in the row's peak.
+    floor = None
+    if row != "floor" and row in FLOOR_TEACHER and spec.get("interleave_floor", True):
+        floor = floor_step(x, FLOOR_TEACHER[row])
+        floor()
     mem = PeakMemory(device)
     try:
         mem.reset()
         loss, grads = step()  # warm-up (compiles, first-touch of pages); its peak counts too
         sync()
         peak = mem.added_mb()
-        walls, cpus = [], []
+        walls, cpus, floor_walls, floor_cpus = [], [], [], []
         for _ in range(spec["repeats"]):
+            if floor is not None:
+                t0, c0 = time.perf_counter(), time.process_time()
+                floor()
+                sync()
+                floor_walls.append(time.perf_counter() - t0)
+                floor_cpus.append(time.process_time() - c0)
             mem.reset()
             t0, c0 = time.perf_counter(), time.process_time()
             loss, grads = step()
@@ -160,6 +203,11 @@ def run_row(spec):
         return {"row": row, "error": f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     res = {"row": row, "time_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
            "peak_mb": peak, "note": note}
+    if floor_walls:
+        res["floor_time_s"] = statistics.median(floor_walls)
+        res["time_x_floor"] = statistics.median(a / b for a, b in zip(walls, floor_walls))
+        res["cpu_x_floor"] = statistics.median(a / b for a, b in zip(cpus, floor_cpus))
+        res["floor_has_teacher"] = FLOOR_TEACHER[row]
     ref_path = spec.get("ref_path")
     if loss is not None and ref_path:
         got = [loss.detach().float().cpu()] + [g.float().cpu() for g in grads]

@@ -3,11 +3,14 @@
 Rows per case: the naive torch loss (lm_head matmul + log_softmax + kl_div + CE), our fused
 loss with the teacher as hidden states and as logits, Liger-Kernel's LigerFusedLinearJSDLoss
 (beta=0, i.e. the same forward KL) when installed, and the KL alone from logits (naive_kl_div
-vs chunked_kl_div). Columns: forward+backward time (median of --repeats after one warm-up; wall
-and process CPU time), its ratio to the naive baseline of the same run and to the bare-matmul
-floor, the peak memory the loss adds above its inputs, and the max abs error (loss and
-gradients) against the naive baseline. Each row runs in a fresh subprocess. Timings are only
-comparable within one run: glibc malloc settings (MALLOC_* env) alone move the naive loss 2-4x.
+vs chunked_kl_div), plus the fused loss on the eager torch chunk step (the path used when the
+native row step is switched off or cannot be built). Columns: forward+backward time (median of
+--repeats after one warm-up; wall and process CPU time), its ratio to the naive baseline of the
+same run, its ratio to its own matmul floor (the bare full-size matmuls that loss must do, timed
+alternately with it in the same process: median of the per-pair ratios), the peak memory the
+loss adds above its inputs, and the max abs error (loss and gradients) against the naive
+baseline. Each row runs in a fresh subprocess. Timings are only comparable within one run: the
+machine's speed drifts, and glibc malloc settings (MALLOC_* env) alone move the naive loss 2-4x.
 """
 from __future__ import annotations
 
@@ -21,16 +24,19 @@ import tempfile
 
 import torch
 
+from . import native
 from ._bench_worker import run_row
 
 HIDDEN = {512: 768, 1024: 1024}  # student hidden -> teacher hidden
 TARGET = dict(vocab=50265, tokens=4096, hidden=512, dtype="fp32")
-ROWS = ["floor", "naive", "fused_hidden", "fused_logits", "liger", "naive_kl", "chunked_kl"]
-REF = {"fused_hidden": "naive", "fused_logits": "naive", "liger": "naive", "chunked_kl": "naive_kl"}
+ROWS = ["floor", "naive", "fused_hidden", "fused_hidden_eager", "fused_logits", "liger", "naive_kl", "chunked_kl"]
+REF = {"fused_hidden": "naive", "fused_hidden_eager": "naive", "fused_logits": "naive", "liger": "naive",
+       "chunked_kl": "naive_kl"}
 LABEL = {
     "floor": "matmul floor (bare lm_head matmuls)",
     "naive": "naive torch (teacher hidden)",
     "fused_hidden": "fused_linear_distill_loss (teacher hidden)",
+    "fused_hidden_eager": "  same, eager torch chunk step",
     "fused_logits": "fused_linear_distill_loss (teacher logits)",
     "liger": "Liger LigerFusedLinearJSDLoss beta=0",
     "naive_kl": "naive_kl_div (from logits)",
@@ -78,16 +84,12 @@ def run_case(case, args, tmp):
         results[row] = res
     for row, res in results.items():
         base = results.get(REF.get(row, row))
-        floor = results.get("floor")
         if "time_s" not in res:
             continue
         if base and "time_s" in base and row not in ("floor", "naive", "naive_kl"):
             res["time_x_naive"] = res["time_s"] / base["time_s"]
             res["cpu_x_naive"] = res["cpu_s"] / base["cpu_s"]
             res["mem_x_naive"] = res["peak_mb"] / max(base["peak_mb"], 1e-9)
-        if floor and "time_s" in floor and row not in ("floor", "naive_kl", "chunked_kl"):
-            res["time_x_floor"] = res["time_s"] / floor["time_s"]
-            res["cpu_x_floor"] = res["cpu_s"] / floor["cpu_s"]
     return results
 
 
@@ -113,6 +115,7 @@ def print_table(case, results, out=None):
 
 def environment(args):
     return {"torch": torch.__version__, "threads": args.threads, "device": args.device,
+            "row_step": native.status() if args.device == "cpu" else "eager (not CPU)",
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults",
             "alpha": 0.5, "temperature": 2.0, "repeats": args.repeats}
 
@@ -145,7 +148,8 @@ def main(argv=None) -> int:
     env = environment(args)
     if not args.json:
         print(f"torch {env['torch']}, threads={env['threads']}, device={env['device']}, "
-              f"malloc: {env['malloc_env']}, alpha=0.5, T=2, median of {args.repeats} after 1 warm-up")
+              f"malloc: {env['malloc_env']}, alpha=0.5, T=2, median of {args.repeats} after 1 warm-up, "
+              f"row step: {env['row_step']}")
     doc = {"environment": env, "cases": []}
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases_from(args):

@@ -1,10 +1,11 @@
 """The benchmark's --quick smoke case runs end to end and its rows agree with the baseline."""
 import json
+import os
 
 from kernels import bench
 
 
-def test_quick_bench_json(capsys):
+def test_quick_bench_json(capsys, backend):
     assert bench.main(["--quick", "--json", "--repeats", "1", "--liger", "off"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["environment"]["threads"] == 2 and "malloc_env" in doc["environment"]
@@ -12,11 +13,16 @@ def test_quick_bench_json(capsys):
     rows = {r["row"]: r for r in case["rows"]}
     assert set(rows) == set(bench.ROWS)
     assert rows["liger"]["error"].startswith("n/a")
-    for name in ("fused_hidden", "fused_logits", "chunked_kl"):
+    assert doc["environment"]["row_step"] == ("native" if backend == "native" else "eager (SEQ2SEQ_DISTILL_NATIVE=0)")
+    for name in ("fused_hidden", "fused_hidden_eager", "fused_logits", "chunked_kl"):
         r = rows[name]
         assert r["time_s"] > 0 and r["peak_mb"] >= 0 and r["max_abs_err"] < 1e-4
         assert "time_x_naive" in r and "mem_x_naive" in r
     assert "time_x_floor" in rows["fused_hidden"] and "time_x_floor" not in rows["chunked_kl"]
+    assert rows["fused_hidden"]["floor_has_teacher"] and not rows["fused_logits"]["floor_has_teacher"]
+    assert rows["fused_hidden"]["floor_time_s"] > 0
+    # the eager row switched the native step off for itself only
+    assert os.environ.get("SEQ2SEQ_DISTILL_NATIVE") == (None if backend == "native" else "0")
 
 
 def test_table_prints_every_row(capsys):
