@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="Distill a fine-tuned BART/T5 teacher into a small, fast student with DeepSpeed.",
     packages=find_packages(include=["distill", "distill.*", "kernels", "kernels.*"]),
+    # the native loss row step is compiled from this source at first use (kernels/native.py)
+    package_data={"kernels": ["_rowstep.c"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
