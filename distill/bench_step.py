@@ -157,10 +157,10 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    from kernels import native
+    from kernels import rowsteps
 
     env = {"torch": torch.__version__, "threads": args.threads, "device": args.device,
-           "row_step": native.status() if device.type == "cpu" else "eager (not CPU)",
+           "row_step": rowsteps.describe(device),
            "alpha": args.alpha, "temperature": args.temperature, "repeats": args.repeats}
     doc = {"environment": env, "presets": []}
     if not args.json:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from . import native
+from . import native, rowsteps
 from . import chunked_kl_div, fused_linear_distill_loss, naive_distill_loss, naive_kl_div
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -146,18 +146,18 @@ def build(row, case, x, liger_mode):
 
 
 def run_row(spec):
-    """Run one row; an "_eager" row switches the native row step off for its own duration."""
+    """Run one row; an "_eager" row switches the faster row steps off for its own duration."""
     if not spec["row"].endswith("_eager"):
         return _run_row(spec)
-    saved = os.environ.get(native.ENV_SWITCH)
-    os.environ[native.ENV_SWITCH] = "0"
+    switches = {native.ENV_SWITCH: "0", rowsteps.TRITON_SWITCH: None}
+    saved = {k: os.environ.get(k) for k in switches}
     try:
+        for k, v in switches.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         return _run_row(spec)
     finally:
-        if saved is None:
-            del os.environ[native.ENV_SWITCH]
-        else:
-            os.environ[native.ENV_SWITCH] = saved
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _run_row(spec):

@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 
-from . import native
+from . import rowsteps
 from ._bench_worker import run_row
 
 HIDDEN = {512: 768, 1024: 1024}  # student hidden -> teacher hidden
@@ -115,7 +115,7 @@ def print_table(case, results, out=None):
 
 def environment(args):
     return {"torch": torch.__version__, "threads": args.threads, "device": args.device,
-            "row_step": native.status() if args.device == "cpu" else "eager (not CPU)",
+            "row_step": rowsteps.describe(torch.device(args.device)),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults",
             "alpha": 0.5, "temperature": 2.0, "repeats": args.repeats}
 

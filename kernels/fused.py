@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from . import rowsteps
 from ._core import check_temperature, chunk_grad, chunk_step, default_fused_chunk_size, flatten_rows
 
 
@@ -79,8 +79,8 @@ class FusedLinearDistill(torch.autograd.Function):
 
         dev = h_all.device
         f32 = dict(dtype=torch.float32, device=dev)
-        # The native row step (CPU) needs two scratch blocks; the eager path a third.
-        fast = native.get() if dev.type == "cpu" else None
+        # A row step (kernels/rowsteps.py) needs two scratch blocks; the eager path a third.
+        fast = rowsteps.pick(dev)
         s_buf = torch.empty(chunk, vocab, **f32)
         t_buf = torch.empty(chunk, vocab, **f32) if t_all is not None or fast is None else None
         u_buf = torch.empty(chunk, vocab, **f32) if fast is None else None
@@ -101,7 +101,7 @@ class FusedLinearDistill(torch.autograd.Function):
             if t_all is None:
                 # No teacher (alpha == 1): the eager path uses teacher := student, which makes
                 # KL exactly 0 and keeps one code path (its gradient weight c_kl is 0); the
-                # native step simply skips the teacher.
+                # row steps simply skip the teacher.
                 if fast is None:
                     t.copy_(s)
             elif teacher_logits is not None:
@@ -110,7 +110,7 @@ class FusedLinearDistill(torch.autograd.Function):
                 _logits_into(t, t_all[i:j], teacher_weight, teacher_bias)
             m, lab_c = maskf[i:j], safe_lab[i:j]
             if fast is not None:
-                row_ce, row_kl = native.rowstep(fast, s, t, lab_c, m, inv_t, c_ce, c_kl, need_any)
+                row_ce, row_kl = fast(s, t, lab_c, m, inv_t, c_ce, c_kl, need_any)
                 ce_sum += (row_ce * m.view(-1)).sum()
                 kl_sum += (row_kl * m.view(-1)).sum()
                 g = s

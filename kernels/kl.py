@@ -2,7 +2,8 @@
 
 A plain `kl_div(log_softmax(s/T), log_softmax(t/T))` keeps three or four float32 (tokens x
 vocab) tensors alive through backward. Here the forward walks over row chunks with two
-float32 (chunk x vocab) scratch blocks (three on the eager path, see kernels/native.py) and, when the student logits need a gradient, writes
+float32 (chunk x vocab) scratch blocks (three on the eager path, see kernels/rowsteps.py)
+and, when the student logits need a gradient, writes
 that gradient (in the logits' dtype) chunk by chunk during the forward pass: it is the only
 full-size tensor the loss allocates, and backward only scales it.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from . import rowsteps
 from ._core import check_temperature, chunk_grad, chunk_step, default_chunk_size, flatten_rows
 
 
@@ -50,7 +51,7 @@ class ChunkedKLDiv(torch.autograd.Function):
         direct = need_grad and s_all.dtype == torch.float32
         s_buf = None if direct else torch.empty(chunk, vocab, **f32)
         t_buf = torch.empty(chunk, vocab, **f32)
-        fast = native.get() if s_all.device.type == "cpu" else None
+        fast = rowsteps.pick(s_all.device)
         u_buf = torch.empty(chunk, vocab, **f32) if fast is None else None  # eager path only
         total = torch.zeros((), dtype=torch.float64, device=s_all.device)
         for i in range(0, n_rows, chunk):
@@ -61,7 +62,7 @@ class ChunkedKLDiv(torch.autograd.Function):
             s.copy_(s_all[i:j])
             t.copy_(t_all[i:j])
             if fast is not None:
-                _, row_kl = native.rowstep(fast, s, t, None, maskf[i:j], inv_t, 0.0, c_kl, need_grad)
+                _, row_kl = fast(s, t, None, maskf[i:j], inv_t, 0.0, c_kl, need_grad)
                 total += (row_kl * maskf[i:j].view(-1)).sum()
             else:
                 u = u_buf[:r]

@@ -143,3 +143,27 @@ def test_chunked_kl_native_equals_eager(monkeypatch):
         out[sw] = (loss.detach(), s.grad.clone())
     assert torch.allclose(out["1"][0], out["0"][0], rtol=1e-6)
     assert torch.allclose(out["1"][1], out["0"][1], rtol=1e-5, atol=1e-9)
+
+
+def test_triton_switch_without_triton_falls_back_with_a_warning():
+    code = r"""
+import sys, torch
+sys.modules["triton"] = None  # as if not installed
+from kernels import rowsteps
+print(rowsteps.pick(torch.device("cuda")))
+print(rowsteps.describe(torch.device("cuda")))
+print(rowsteps.describe(torch.device("cpu")))
+"""
+    env = dict(__import__("os").environ, SEQ2SEQ_DISTILL_TRITON="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert proc.stdout.splitlines() == ["None", "eager torch", "native"]
+    assert proc.stderr.count("Triton row step is unavailable") == 1  # said once, not per chunk
+
+
+def test_cuda_without_switch_uses_eager_torch(monkeypatch):
+    from kernels import rowsteps
+
+    monkeypatch.delenv(rowsteps.TRITON_SWITCH, raising=False)
+    assert rowsteps.pick(torch.device("cuda")) is None
+    assert rowsteps.describe(torch.device("cuda")) == "eager torch (SEQ2SEQ_DISTILL_TRITON not set)"

@@ -13,7 +13,8 @@ def test_quick_bench_json(capsys, backend):
     rows = {r["row"]: r for r in case["rows"]}
     assert set(rows) == set(bench.ROWS)
     assert rows["liger"]["error"].startswith("n/a")
-    assert doc["environment"]["row_step"] == ("native" if backend == "native" else "eager (SEQ2SEQ_DISTILL_NATIVE=0)")
+    assert doc["environment"]["row_step"] == {"native": "native", "eager": "eager (SEQ2SEQ_DISTILL_NATIVE=0)",
+                                              "triton": "triton (interpreted)"}[backend]
     for name in ("fused_hidden", "fused_hidden_eager", "fused_logits", "chunked_kl"):
         r = rows[name]
         assert r["time_s"] > 0 and r["peak_mb"] >= 0 and r["max_abs_err"] < 1e-4
@@ -22,7 +23,8 @@ def test_quick_bench_json(capsys, backend):
     assert rows["fused_hidden"]["floor_has_teacher"] and not rows["fused_logits"]["floor_has_teacher"]
     assert rows["fused_hidden"]["floor_time_s"] > 0
     # the eager row switched the native step off for itself only
-    assert os.environ.get("SEQ2SEQ_DISTILL_NATIVE") == (None if backend == "native" else "0")
+    assert os.environ.get("SEQ2SEQ_DISTILL_NATIVE") == ("0" if backend == "eager" else None)
+    assert os.environ.get("SEQ2SEQ_DISTILL_TRITON") == ("1" if backend == "triton" else None)
 
 
 def test_table_prints_every_row(capsys):
