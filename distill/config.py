@@ -164,8 +164,15 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
+def is_unset(value) -> bool:
+    """True for None, "" (or blanks) and the literal string None/none: the seed CLI and the launch
+    scripts pass `None` for "unset". The one rule for every optional value (config, models, data)."""
+    return value is None or (isinstance(value, str) and value.strip() in ("", "None", "none"))
+
+
 def _none(value):
-    # The seed CLI and launch scripts pass the literal string None for "unset".
+    # Only the literal None/none becomes None here: an empty string option (e.g. a prefix "")
+    # keeps its value; the loaders treat "" as unset through is_unset.
     return None if isinstance(value, str) and value.strip() in ("None", "none") else value
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from distill.data_files import FILE_TYPES, as_text, first_line, read_file, select_columns
+from distill.config import is_unset
 from distill.errors import UserError
 
 # Names a split goes by in the wild, mapped to the three this toolkit uses.
@@ -40,11 +41,11 @@ def load_raw_splits(dataset: str | None, dataset_local_path: str | None, input_c
     if not 0.0 < validation_ratio < 1.0:
         raise UserError(f"validation ratio {validation_ratio} is outside (0, 1); pass e.g. 0.05")
     columns = {"source": input_column, "target": target_column}
-    if _is_set(dataset_local_path):
-        if _is_set(dataset):
+    if not is_unset(dataset_local_path):
+        if not is_unset(dataset):
             log(f"data: --dataset-local-path {dataset_local_path} is used; --dataset {dataset} is ignored")
         raw = _load_local(os.path.expanduser(str(dataset_local_path)), columns, log)
-    elif _is_set(dataset):
+    elif not is_unset(dataset):
         raw = _load_hub(str(dataset).strip(), columns, trust_remote_code, log)
     else:
         raise UserError("no dataset given; pass --dataset NAME[:CONFIG] (a Hugging Face Hub dataset) "
@@ -55,10 +56,6 @@ def load_raw_splits(dataset: str | None, dataset_local_path: str | None, input_c
     if "validation" not in splits:
         splits.update(_split_off_validation(splits["train"], raw["train"][1], validation_ratio, seed, log))
     return DatasetDict({name: splits[name] for name in ("train", "validation", "test") if name in splits})
-
-
-def _is_set(value) -> bool:
-    return value is not None and str(value).strip() not in ("", "None")
 
 
 # ----------------------------------------------------------------------------- local sources

@@ -22,6 +22,7 @@ import pickle
 import re
 from typing import Callable
 
+from distill.config import is_unset
 from distill.errors import UserError
 
 # --model-type -> the config.model_type values it accepts. umT5 ("uniform mT5") is accepted as
@@ -38,11 +39,6 @@ HUB_PROBE_TIMEOUT_S = 5.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
-
-
-def is_unset(value) -> bool:
-    """True for None, "" and the literal string "None" (what a CLI default of None prints as)."""
-    return value is None or (isinstance(value, str) and value.strip() in ("", "None"))
 
 
 def resolve_source(hub_name, local_path, what: str) -> str:

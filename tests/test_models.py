@@ -6,8 +6,9 @@ import torch
 from hypothesis import given, strategies as st
 
 from distill import models
+from distill.config import is_unset
 from distill.errors import UserError
-from distill.models import (build_student, check_vocab, is_unset, load_teacher, load_teacher_config,
+from distill.models import (build_student, check_vocab, load_teacher, load_teacher_config,
                             load_tokenizer, module_tensor_getter, pick_layers, resolve_source,
                             student_config)
 from distill.toy import save_tiny_teacher
@@ -36,7 +37,7 @@ def bart_dir(tmp_path_factory):
 
 # --- small helpers -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value,unset", [(None, True), ("", True), ("None", True), (" ", True),
+@pytest.mark.parametrize("value,unset", [(None, True), ("", True), ("None", True), ("none", True), (" ", True),
                                          ("facebook/bart-base", False), (0, False)])
 def test_is_unset(value, unset):
     assert is_unset(value) is unset
