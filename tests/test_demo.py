@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from distill import demo
+from distill import demo, demo_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ def read(path):
 
 
 def make(tmp_path, name, seed):
-    return demo.make_task(str(tmp_path / name), seed=seed, n_train=300, n_validation=40, n_test=60)
+    return demo_task.make_task(str(tmp_path / name), seed=seed, n_train=300, n_validation=40, n_test=60)
 
 
 def test_same_seed_same_files_and_another_seed_differs(tmp_path):
@@ -63,7 +63,7 @@ def test_no_source_repeats_within_or_across_splits(tmp_path):
     (1000, "one thousand"), (1005, "one thousand and five"), (2300, "two thousand three hundred"),
     (9071, "nine thousand and seventy-one"), (4510, "four thousand five hundred and ten")])
 def test_cardinal(n, words):
-    assert demo.cardinal(n) == words
+    assert demo_task.cardinal(n) == words
 
 
 @pytest.mark.parametrize("n,words,written", [
@@ -72,7 +72,7 @@ def test_cardinal(n, words):
     (20, "twentieth", "20th"), (21, "twenty-first", "21st"), (32, "thirty-second", "32nd"),
     (58, "fifty-eighth", "58th"), (99, "ninety-ninth", "99th")])
 def test_ordinal(n, words, written):
-    assert demo.ordinal(n) == words and demo.ordinal_suffix(n) == written
+    assert demo_task.ordinal(n) == words and demo_task.ordinal_suffix(n) == written
 
 
 @pytest.mark.parametrize("y,words", [
@@ -80,16 +80,16 @@ def test_ordinal(n, words, written):
     (2000, "two thousand"), (2007, "two thousand and seven"), (2010, "twenty ten"),
     (2024, "twenty twenty-four")])
 def test_year(y, words):
-    assert demo.year(y) == words
+    assert demo_task.year(y) == words
 
 
 def test_decimal_clock_and_a_whole_sentence():
-    assert demo.decimal("3.05") == "three point zero five"
-    assert demo.decimal("12") == "twelve"
-    assert demo.clock(9, 0) == "nine o'clock" and demo.clock(9, 5) == "nine oh five"
-    assert demo.clock(14, 30) == "fourteen thirty"
+    assert demo_task.decimal("3.05") == "three point zero five"
+    assert demo_task.decimal("12") == "twelve"
+    assert demo_task.clock(9, 0) == "nine o'clock" and demo_task.clock(9, 5) == "nine oh five"
+    assert demo_task.clock(14, 30) == "fourteen thirty"
     rng = random.Random(0)
-    examples = [demo.make_example(rng) for _ in range(2000)]
+    examples = [demo_task.make_example(rng) for _ in range(2000)]
     parcel = [e for e in examples if e["source"].startswith("The parcel weighs 1 kg ")]
     for e in parcel:  # exactly one takes the singular
         assert e["target"].startswith("The parcel weighs one kilogram and ships on the ")
