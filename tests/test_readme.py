@@ -37,3 +37,14 @@ def test_quick_start_commands_and_no_placeholders():
 def test_ci_runs_the_readme_test_command():
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
     assert "python -m pytest -q tests" in ci
+
+
+def test_every_benchmark_option_is_documented():
+    import sys
+
+    for module in ("kernels.bench", "distill.bench_step"):
+        text = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout
+        flags = set(re.findall(r"(--[a-z][a-z-]*)", text)) - {"--help"}
+        assert len(flags) >= 9, (module, flags)
+        assert not [f for f in sorted(flags) if f"`{f}" not in README], module
