@@ -33,12 +33,13 @@ from .objective import Objective, decoder_hidden, lm_head_of
 
 PRESETS = {
     # name: teacher config kwargs (distill.toy.tiny_config), student layers, batch, source/target lengths
+    # (tiny steps take milliseconds and need many rounds to average out scheduler noise)
     "tiny": dict(model=dict(vocab_size=512, d_model=32, layers=4, heads=2, ffn=64), student_layers=2,
-                 batch=8, source_len=32, target_len=16),
+                 batch=8, source_len=32, target_len=16, repeats=30),
     "mid": dict(model=dict(vocab_size=50265, d_model=512, layers=6, heads=8, ffn=2048, max_positions=256),
-                student_layers=3, batch=8, source_len=128, target_len=64),
+                student_layers=3, batch=8, source_len=128, target_len=64, repeats=7),
     "base": dict(model=dict(vocab_size=50265, d_model=768, layers=6, heads=12, ffn=3072, max_positions=256),
-                 student_layers=3, batch=8, source_len=256, target_len=128),
+                 student_layers=3, batch=8, source_len=256, target_len=128, repeats=5),
 }
 MODES = ["teacher_forward", "student_plain_step", "distill_fused", "distill_naive"]
 
@@ -141,7 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--model-type", choices=["bart", "t5"], default="bart")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round (median)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds after one warm-up round (median); default per preset: "
+                   + ", ".join(f"{k} {v['repeats']}" for k, v in PRESETS.items()))
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}", file=sys.stderr)
         return 2
-    if args.repeats < 1:
+    if args.repeats is not None and args.repeats < 1:
         print(f"error: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
@@ -161,20 +164,21 @@ def main(argv=None) -> int:
 
     env = {"torch": torch.__version__, "threads": args.threads, "device": args.device,
            "row_step": rowsteps.describe(device),
-           "alpha": args.alpha, "temperature": args.temperature, "repeats": args.repeats}
+           "alpha": args.alpha, "temperature": args.temperature}
     doc = {"environment": env, "presets": []}
     if not args.json:
         print(f"torch {env['torch']}, threads={args.threads}, device={args.device}, row step: {env['row_step']}, "
-              f"alpha={args.alpha}, T={args.temperature}, median of {args.repeats} rounds after 1 warm-up")
+              f"alpha={args.alpha}, T={args.temperature}, medians over rounds after 1 warm-up round")
     for name in presets:
         preset = PRESETS[name]
         teacher, student, batch = build(preset, args.model_type, args.seed)
         teacher.to(device)
         student.to(device)
         batch = {k: v.to(device) for k, v in batch.items()}
-        rows = measure(make_steps(teacher, student, batch, args.alpha, args.temperature), args.repeats, device)
+        repeats = args.repeats or preset["repeats"]
+        rows = measure(make_steps(teacher, student, batch, args.alpha, args.temperature), repeats, device)
         tokens = int((batch["labels"] != -100).sum())
-        info = {"preset": name, "model_type": args.model_type, "teacher_params": count(teacher),
+        info = {"preset": name, "model_type": args.model_type, "repeats": repeats, "teacher_params": count(teacher),
                 "student_params": count(student), "vocab": teacher.config.vocab_size,
                 "batch": preset["batch"], "source_len": preset["source_len"], "target_len": preset["target_len"],
                 "target_tokens": tokens, "rows": rows}
@@ -182,7 +186,7 @@ def main(argv=None) -> int:
         if not args.json:
             print(f"\npreset {name}: {args.model_type} teacher {info['teacher_params'] / 1e6:.1f}M params, student "
                   f"{info['student_params'] / 1e6:.1f}M, vocab {info['vocab']}, batch {info['batch']} x source "
-                  f"{info['source_len']} / target {info['target_len']} ({tokens} target tokens)")
+                  f"{info['source_len']} / target {info['target_len']} ({tokens} target tokens); {repeats} rounds")
             print(f"{'mode':22} {'time_s':>8} {'peak_MB':>9} {'x (teacher fwd + student step)':>31} "
                   f"{'per-round range':>16}")
             for r in rows:

@@ -21,6 +21,7 @@ def test_tiny_preset_json(capsys, monkeypatch):
     assert doc["environment"]["row_step"] == "native"
     (p,) = doc["presets"]
     assert p["preset"] == "tiny" and p["vocab"] == 512 and p["student_params"] < p["teacher_params"]
+    assert p["repeats"] == 2
     assert p["target_tokens"] == 8 * 16 - 4 * 4  # every other row has its last quarter padded
     rows = {r["mode"]: r for r in p["rows"]}
     assert list(rows) == bench_step.MODES
