@@ -71,7 +71,8 @@ def make_inputs(case, device):
 
 
 # The matmuls each row's loss must do (its floor): student logits, grad hidden, grad weight,
-# and the teacher's logits when the teacher comes as hidden states. None: no matmul (KL rows).
+# and (True) the teacher's logits when the teacher comes as hidden states. Rows not listed (the
+# KL-from-logits rows) do no matmul and have no floor.
 FLOOR_TEACHER = {"floor": True, "naive": True, "fused_hidden": True, "fused_hidden_eager": True, "liger": True,
                  "fused_logits": False}
 
@@ -152,12 +153,19 @@ def run_row(spec):
     switches = {native.ENV_SWITCH: "0", rowsteps.TRITON_SWITCH: None}
     saved = {k: os.environ.get(k) for k in switches}
     try:
-        for k, v in switches.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        _set_env(switches)
         return _run_row(spec)
     finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        _set_env(saved)
+
+
+def _set_env(values):
+    """Set each variable to its value; None unsets it."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _run_row(spec):
@@ -175,7 +183,7 @@ def _run_row(spec):
     # only meaningful between runs taken side by side. Its buffers exist before the memory
     # baseline is taken and are never counted in the row's peak.
     floor = None
-    if row != "floor" and row in FLOOR_TEACHER and spec.get("interleave_floor", True):
+    if row != "floor" and row in FLOOR_TEACHER:
         floor = floor_step(x, FLOOR_TEACHER[row])
         floor()
     mem = PeakMemory(device)

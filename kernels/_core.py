@@ -40,6 +40,19 @@ def default_fused_chunk_size(vocab: int, rows: int) -> int:
     return -(-rows // n_chunks)
 
 
+def rowstep_io(s, t, labels, maskf, who: str):
+    """What every row step (kernels/rowsteps.py) does before its kernel: check that the teacher
+    block shares the student block's layout, allocate the (r,) float32 ce and kl outputs on the
+    block's device, and flatten labels and mask to contiguous (r,). -> (ce, kl, labels, maskf)."""
+    r = s.shape[0]
+    if t is not None and (t.shape != s.shape or t.stride(0) != s.stride(0)):
+        raise ValueError(f"{who} rowstep: student and teacher blocks must have the same layout")
+    ce = torch.empty(r, dtype=torch.float32, device=s.device)
+    kl = torch.empty(r, dtype=torch.float32, device=s.device)
+    labels = None if labels is None else labels.reshape(-1).contiguous()
+    return ce, kl, labels, maskf.reshape(-1).contiguous()
+
+
 def check_temperature(temperature: float) -> float:
     t = float(temperature)
     if not t > 0 or t != t or t == float("inf"):

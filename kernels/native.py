@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ._core import rowstep_io
+
 log = logging.getLogger("kernels.native")
 
 SOURCE = Path(__file__).with_name("_rowstep.c")
@@ -128,23 +130,12 @@ def status() -> str:
     return "native" if _lib is not None else f"eager ({_reason})"
 
 
-def usable(*blocks) -> bool:
-    """True when every block is a float32 CPU tensor with unit column stride."""
-    return all(b is None or (b.device.type == "cpu" and b.dtype == torch.float32 and b.stride(-1) == 1)
-               for b in blocks)
-
-
 def rowstep(fn, s, t, labels, maskf, inv_t, c_ce, c_kl, want_grad):
     """Per-row ce and kl, (r,) float32, for the chunk s (and teacher t, or None). Overwrites t;
     with want_grad writes d loss / d s over s. labels: (r,) int64 with ignored positions
     already replaced by a valid index, or None (no CE). maskf: (r,) float32."""
     r, vocab = s.shape
-    if t is not None and (t.shape != s.shape or t.stride(0) != s.stride(0)):
-        raise ValueError("native rowstep: student and teacher blocks must have the same layout")
-    ce = torch.empty(r, dtype=torch.float32)
-    kl = torch.empty(r, dtype=torch.float32)
-    labels = None if labels is None else labels.reshape(-1).contiguous()
-    maskf = maskf.reshape(-1).contiguous()
+    ce, kl, labels, maskf = rowstep_io(s, t, labels, maskf, "native")
     rc = fn(s.data_ptr(), None if t is None else t.data_ptr(),
             None if labels is None else labels.data_ptr(), maskf.data_ptr(), ce.data_ptr(),
             kl.data_ptr(), r, vocab, s.stride(0), float(inv_t), float(c_ce), float(c_kl),

@@ -12,9 +12,10 @@ is why it is opt-in. Without it, CUDA tensors use the eager torch row step.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
+
+from ._core import rowstep_io
 
 
 @triton.jit
@@ -90,14 +91,9 @@ def rowstep(s, t, labels, maskf, inv_t, c_ce, c_kl, want_grad, block=None):
     """Per-row (ce, kl), (r,) float32, of the chunk s (and t or None); with want_grad writes the
     gradient over s. Arguments as kernels.native.rowstep; t is only read here."""
     r, vocab = s.shape
-    if t is not None and (t.shape != s.shape or t.stride(0) != s.stride(0)):
-        raise ValueError("triton rowstep: student and teacher blocks must have the same layout")
-    ce = torch.empty(r, dtype=torch.float32, device=s.device)
-    kl = torch.empty(r, dtype=torch.float32, device=s.device)
+    ce, kl, labels, maskf = rowstep_io(s, t, labels, maskf, "triton")
     if r == 0:
         return ce, kl
-    labels = None if labels is None else labels.reshape(-1).contiguous()
-    maskf = maskf.reshape(-1).contiguous()
     block = block or min(4096, triton.next_power_of_2(vocab))
     _rowstep_kernel[(r,)](
         s, s if t is None else t, maskf if labels is None else labels, maskf, ce, kl, vocab,

@@ -1,4 +1,5 @@
 """The native row step against the eager torch chunk step, its switch and its fallback."""
+import os
 import subprocess
 import sys
 
@@ -47,7 +48,7 @@ def test_rowstep_matches_eager_chunk_step(inv_t, with_labels, with_teacher):
     assert torch.all(s_n[mask.view(-1) == 0] == 0)
 
 
-def test_no_grad_leaves_logits_and_gives_values():
+def test_no_grad_gives_the_same_values():
     s, t, lab, mask = _blocks(5)
     before = s.clone()
     s2 = s.clone()
@@ -87,7 +88,7 @@ lab = torch.randint(0, 50, (9,), generator=g)
 loss = fused_linear_distill_loss(h, w, lab, teacher_hidden=th, teacher_weight=tw, temperature=2.0)[0]
 print(nat.status()); print(repr(loss.item()))
 """
-    env = dict(__import__("os").environ, SEQ2SEQ_DISTILL_CACHE="/nonexistent-cache-dir")
+    env = dict(os.environ, SEQ2SEQ_DISTILL_CACHE="/nonexistent-cache-dir")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split("\n")
     assert out[0] == "eager (no C compiler found ($CC, cc, gcc, clang))"
     g = torch.Generator().manual_seed(0)
@@ -103,7 +104,7 @@ def test_broken_compiler_falls_back_with_a_warning(tmp_path):
     fake.write_text("#!/bin/sh\necho 'fake-cc 1.0'\nexit 3\n")
     fake.chmod(0o755)
     code = "import kernels.native as n; print(n.status())"
-    env = dict(__import__("os").environ, CC=str(fake), SEQ2SEQ_DISTILL_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, CC=str(fake), SEQ2SEQ_DISTILL_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert proc.stdout.startswith("eager (build or load failed: RuntimeError:")
     assert "exited 3" in proc.stdout
@@ -113,7 +114,7 @@ def test_broken_compiler_falls_back_with_a_warning(tmp_path):
 
 def test_library_is_cached_by_source_and_cpu(tmp_path):
     code = "import kernels.native as n; print(n.status()); print(sorted(p.name for p in n.cache_dir().iterdir()))"
-    env = dict(__import__("os").environ, SEQ2SEQ_DISTILL_CACHE=str(tmp_path))
+    env = dict(os.environ, SEQ2SEQ_DISTILL_CACHE=str(tmp_path))
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert first.splitlines()[0] == "native" and first == second
@@ -154,7 +155,7 @@ print(rowsteps.pick(torch.device("cuda")))
 print(rowsteps.describe(torch.device("cuda")))
 print(rowsteps.describe(torch.device("cpu")))
 """
-    env = dict(__import__("os").environ, SEQ2SEQ_DISTILL_TRITON="1")
+    env = dict(os.environ, SEQ2SEQ_DISTILL_TRITON="1")
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert proc.stdout.splitlines() == ["None", "eager torch", "native"]
