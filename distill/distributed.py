@@ -83,10 +83,17 @@ def fill_auto(conf: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 
 def precision(cfg, on_gpu: bool) -> str:
-    """'bf16', 'fp16' or 'fp32'. Nothing asked: bf16 on GPUs that support it, else fp32."""
+    """'bf16', 'fp16' or 'fp32'. Nothing asked: bf16 on GPUs that support it, else fp32.
+
+    An asked-for precision the device cannot train in is a UserError here, before any engine
+    exists: DeepSpeed would otherwise raise from deep inside `initialize` on every rank (its CPU
+    accelerator refuses fp16 on CPUs without fp16 instructions, e.g. AMD EPYC with avx512_bf16).
+    """
     if cfg.bf16:
+        check_supported("bf16")
         return "bf16"
     if cfg.fp16:
+        check_supported("fp16")
         return "fp16"
     if on_gpu:
         import torch
@@ -94,6 +101,29 @@ def precision(cfg, on_gpu: bool) -> str:
         if torch.cuda.is_bf16_supported():
             return "bf16"
     return "fp32"
+
+
+def precision_supported(prec: str) -> bool:
+    """Whether DeepSpeed's accelerator on this machine trains in `prec` ('bf16', 'fp16', 'fp32')."""
+    if prec == "fp32":
+        return True
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return bool(acc.is_fp16_supported() if prec == "fp16" else acc.is_bf16_supported())
+
+
+def check_supported(prec: str) -> None:
+    if precision_supported(prec):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().device_name()
+    other = "bf16" if prec == "fp16" else "fp16"
+    alternatives = (f"pass --{other} instead, or neither for fp32" if precision_supported(other)
+                    else "drop the flag to train in fp32")
+    raise UserError(f"--{prec}: this device ({device}) cannot train in {prec} (DeepSpeed's "
+                    f"accelerator reports no {prec} support); {alternatives}")
 
 
 def student_ds_config(cfg, *, world_size: int, grad_accum: int, total_steps: int,
