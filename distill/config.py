@@ -18,6 +18,7 @@ from distill.errors import UserError
 
 MODEL_TYPES = ("bart", "mbart", "t5", "mt5")
 LOSS_IMPLS = ("fused", "chunked", "naive")
+STUDENT_INITS = ("teacher", "random")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(_HERE), "ds_configs", "zero2.json")
 DEFAULT_TEACHER_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(_HERE), "ds_configs", "zero3_teacher.json")
@@ -37,16 +38,22 @@ class DistillConfig:
                                             "over --teacher when both are given.")
     custom_tokenizer_local_path: Optional[str] = opt(None, "Tokenizer folder to use instead of the "
                                                      "teacher's own.")
-    num_encoder_layers: Optional[int] = opt(None, "Student encoder layers (default: half the "
-                                            "teacher's). Spread-out teacher layers are copied when "
-                                            "the hidden size matches.")
-    num_decoder_layers: Optional[int] = opt(None, "Student decoder layers (default: half the teacher's).")
+    num_encoder_layers: Optional[int] = opt(None, "Student encoder layers. Default: the teacher's "
+                                            "count (the encoder runs once per input; decoder depth "
+                                            "is what generation latency pays for). Spread-out "
+                                            "teacher layers are copied when the hidden size matches.")
+    num_decoder_layers: Optional[int] = opt(None, "Student decoder layers. Default: half the "
+                                            "teacher's (at least 1).")
     hidden_dim: Optional[int] = opt(None, "Student hidden size d_model (default: the teacher's). "
                                     "Equal to the teacher's -> initialised from the teacher; "
                                     "different -> random init, FFN and heads scaled.")
     vocab_size: Optional[int] = opt(None, "Student vocabulary size (default: the teacher's). Must "
                                     "equal the teacher's unless --alpha 1 (logit distillation "
                                     "needs a shared vocabulary).")
+    student_init: str = opt("teacher", "Student start: teacher (copy spread-out teacher layers, "
+                            "embeddings and head where the shapes fit; random where they do not) "
+                            "or random (the student's config, random weights: the baseline of "
+                            "training the small model without a teacher).", choices=STUDENT_INITS)
     trust_remote_code: bool = opt(False, "Allow checkpoints/datasets that run their own Python "
                                   "code. Off by default: only enable for sources you trust.")
     # --- data --------------------------------------------------------------------------------
@@ -157,6 +164,8 @@ class DistillConfig:
             raise UserError("nothing to train: --max-steps <= 0 and --num-train-epochs <= 0; set one of them")
         if self.loss_impl not in LOSS_IMPLS:
             raise UserError(f"--loss-impl {self.loss_impl!r} is not one of {', '.join(LOSS_IMPLS)}")
+        if self.student_init not in STUDENT_INITS:
+            raise UserError(f"--student-init {self.student_init!r} is not one of {', '.join(STUDENT_INITS)}")
         if self.teacher_zero_stage not in (None, 0, 3):
             raise UserError(f"--teacher-zero-stage {self.teacher_zero_stage} is not supported; use 0 or 3")
 
@@ -198,6 +207,14 @@ def _optional(kind):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help text does not already state the default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError (one line, exit 2 at the CLI) instead of exiting itself."""
 
@@ -208,7 +225,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="seq2seq-distill", description="Distill a fine-tuned BART/T5 teacher into a "
                      "small, fast student (alpha*CE + (1-alpha)*T^2*KL) with DeepSpeed.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=_HelpFormatter)
     types = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[str]": str,
              "Optional[float]": float}
     for f in dataclasses.fields(DistillConfig):

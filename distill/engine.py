@@ -84,6 +84,7 @@ class Distiller:
         self.grad_accum = resolve_grad_accum(cfg, world_size)
         self.teacher_stage = cfg.teacher_zero_stage if cfg.teacher_zero_stage is not None else (3 if world_size > 1 else 0)
         self.stop_signal = None
+        self.teacher_memory = None  # set by load_teacher; stays None when the teacher is not loaded
 
     # ---- set-up -----------------------------------------------------------------------------
     def load_teacher(self, source: str):
@@ -126,7 +127,8 @@ class Distiller:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         self.optimizer_name = f"{type(inner).__module__}.{type(inner).__name__}"
         self.teacher = None
-        self.teacher_model = teacher
+        # Kept only when the teacher runs: a labels-only run frees it once the student is built.
+        self.teacher_model = teacher if self.cfg.alpha < 1.0 else None
         if self.cfg.alpha < 1.0:
             if self.teacher_stage == 3:
                 self.teacher, *_ = deepspeed.initialize(model=HiddenStates(teacher), config=self.teacher_ds_conf)
@@ -213,8 +215,9 @@ class Distiller:
         accum = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, ce, kl, micro-batches, tokens since last log
         t_log = time.time()
         # The with-block closes the bar on every exit, so an error line never lands on the bar's line.
-        with tqdm(total=self.total_steps, initial=step, disable=self.rank != 0, desc="distill",
-                  dynamic_ncols=True) as bar:
+        distilling = self.teacher is not None
+        with tqdm(total=self.total_steps, initial=step, disable=self.rank != 0,
+                  desc="distill" if distilling else "train (labels only)", dynamic_ncols=True) as bar:
             micro = 0
             epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
             skip = (step % self.steps_per_epoch) * self.grad_accum if self.steps_per_epoch else 0
@@ -265,8 +268,10 @@ class Distiller:
                         entry = {"step": step, "loss": loss_s / count, "ce": ce_s / count, "kl": kl_s / count,
                                  "tokens_per_s": toks / dt, "lr": lr}
                         history.append(entry)
-                        bar.set_postfix(loss=f"{entry['loss']:.3f}", ce=f"{entry['ce']:.3f}", kl=f"{entry['kl']:.3f}",
-                                        tok_s=f"{entry['tokens_per_s']:.0f}")
+                        shown = {"loss": f"{entry['loss']:.3f}", "ce": f"{entry['ce']:.3f}"}
+                        if distilling:  # without a teacher the KL term is not computed
+                            shown["kl"] = f"{entry['kl']:.3f}"
+                        bar.set_postfix(**shown, tok_s=f"{entry['tokens_per_s']:.0f}")
                         accum = [0.0, 0.0, 0.0, 0.0, 0.0]
                         t_log = time.time()
                     if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:

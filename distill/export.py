@@ -58,26 +58,41 @@ def model_card(cfg, info: dict[str, Any], metrics: dict[str, Any]) -> str:
     data = cfg.dataset_local_path or cfg.dataset
     last = next((h for h in reversed(metrics.get("history", [])) if "loss" in h), {})
     ev = metrics.get("final_eval", {})
+    distilled = cfg.alpha < 1.0
+    nan = float("nan")
+    init = info.get("init", "?")
+    if distilled:
+        title = f"# Distilled {cfg.model_type} student"
+        origin = f"Distilled with seq2seq-distill from teacher `{teacher}` on `{data}`"
+        objective = (f"Objective: {cfg.alpha} * CE + {1 - cfg.alpha:g} * T^2 * KL(teacher || student), "
+                     f"T = {cfg.temperature}, loss implementation `{cfg.loss_impl}`.")
+    else:
+        # alpha = 1: the teacher never ran; it only lent its config (and its layers if copied).
+        title = f"# {cfg.model_type} model trained on labels only"
+        lent = "layers" if init == "teacher" else "config (random initial weights)"
+        origin = (f"Trained with seq2seq-distill on labels only (alpha = 1, no teacher signal) on "
+                  f"`{data}`, starting from the {lent} of `{teacher}`")
+        objective = f"Objective: CE on the labels, loss implementation `{cfg.loss_impl}`."
     lines = [
-        "---", "library_name: transformers", "tags: [seq2seq, distillation, seq2seq-distill]", "---", "",
-        f"# Distilled {cfg.model_type} student", "",
-        f"Distilled with seq2seq-distill from teacher `{teacher}` on `{data}` "
-        f"(`{cfg.input_column}` -> `{cfg.target_column}`).", "",
+        "---", "library_name: transformers",
+        f"tags: [seq2seq, {'distillation, ' if distilled else ''}seq2seq-distill]", "---", "",
+        title, "",
+        f"{origin} (`{cfg.input_column}` -> `{cfg.target_column}`).", "",
         "| | teacher | student |", "|---|---|---|",
         f"| parameters | {info.get('teacher_params', 0):,} | {info.get('student_params', 0):,} |",
         f"| encoder layers | {info.get('teacher_encoder_layers', '?')} | {info.get('student_encoder_layers', '?')} |",
         f"| decoder layers | {info.get('teacher_decoder_layers', '?')} | {info.get('student_decoder_layers', '?')} |",
         f"| hidden size | {info.get('teacher_hidden', '?')} | {info.get('student_hidden', '?')} |", "",
-        f"Initialisation: {info.get('init', '?')}"
+        f"Initialisation: {init}"
         + (f" (encoder layers {info.get('encoder_layers_copied')}, decoder layers "
            f"{info.get('decoder_layers_copied')} copied from the teacher)" if info.get("init") == "teacher" else ""), "",
-        f"Objective: {cfg.alpha} * CE + {1 - cfg.alpha:g} * T^2 * KL(teacher || student), T = {cfg.temperature}, "
-        f"loss implementation `{cfg.loss_impl}`.", "",
+        objective, "",
         f"Training: {metrics.get('steps', 0)} steps, {metrics.get('samples_seen', 0):,} samples, "
         f"{metrics.get('tokens_seen', 0):,} target tokens, learning rate {cfg.learning_rate}, seed {cfg.seed}.", "",
-        f"Final train loss {last.get('loss', float('nan')):.4f} (CE {last.get('ce', float('nan')):.4f}, "
-        f"KL {last.get('kl', float('nan')):.4f}); validation loss {ev.get('eval_loss', float('nan')):.4f} "
-        f"(CE {ev.get('eval_ce', float('nan')):.4f}, KL {ev.get('eval_kl', float('nan')):.4f}).", "",
+        (f"Final train loss {last.get('loss', nan):.4f} (CE {last.get('ce', nan):.4f}, "
+         f"KL {last.get('kl', nan):.4f}); validation loss {ev.get('eval_loss', nan):.4f} "
+         f"(CE {ev.get('eval_ce', nan):.4f}, KL {ev.get('eval_kl', nan):.4f})." if distilled else
+         f"Final train loss (CE) {last.get('loss', nan):.4f}; validation loss {ev.get('eval_loss', nan):.4f}."), "",
         "```python", "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
         "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForSeq2SeqLM.from_pretrained(PATH)", "```", "",
         "`distill_config.json` holds every option of the run; `metrics.json` the losses and throughput.",

@@ -221,7 +221,9 @@ def student_config(teacher_config, *, num_encoder_layers=None, num_decoder_layer
                    hidden_dim=None, vocab_size=None):
     """The teacher's config with fewer layers and optionally another hidden size or vocabulary.
 
-    Defaults: half the teacher's layers (at least 1), the teacher's hidden size and vocabulary.
+    Defaults: the teacher's encoder depth, half its decoder layers (at least 1), its hidden size
+    and vocabulary. The encoder runs once per input and the decoder once per generated token, so
+    decoder depth is what generation latency pays for (DistilBART's 12-6 shape).
     A different hidden size scales the FFN width in proportion and picks the head count with
     `_pick_heads` (so a size works iff the teacher's head size or 8 divides it); T5's d_kv follows.
     """
@@ -231,7 +233,8 @@ def student_config(teacher_config, *, num_encoder_layers=None, num_decoder_layer
     layers = {}
     for stack, given, teacher_n in (("encoder", num_encoder_layers, t_enc),
                                     ("decoder", num_decoder_layers, t_dec)):
-        n = max(1, teacher_n // 2) if is_unset(given) else int(given)
+        default = teacher_n if stack == "encoder" else max(1, teacher_n // 2)
+        n = default if is_unset(given) else int(given)
         if not 1 <= n <= teacher_n:
             raise UserError(f"student {stack} layers: got {n}, the teacher has {teacher_n}; expected "
                             f"1 to {teacher_n}; pass --num-{stack}-layers in that range")
@@ -325,11 +328,13 @@ def _copy_from_teacher(student, get_teacher_tensor, picks: dict[str, list[int]])
 
 
 def build_student(teacher_config, get_teacher_tensor, *, num_encoder_layers=None,
-                  num_decoder_layers=None, hidden_dim=None, vocab_size=None, log=print):
+                  num_decoder_layers=None, hidden_dim=None, vocab_size=None, init="teacher",
+                  log=print):
     """A student (train mode, float32) and an info dict; see the module docstring for the rule.
 
     `get_teacher_tensor(name)` returns the full teacher tensor for a parameter or persistent
-    buffer name of the teacher; it is called once per name, for the picked layers only.
+    buffer name of the teacher; it is called once per name, for the picked layers only, and
+    never with `init="random"` (then it may be None: the teacher's weights are not needed).
     Must run outside transformers' ZeRO-3 scope: the student is an ordinary (ZeRO-2) model.
     """
     import torch
@@ -344,15 +349,17 @@ def build_student(teacher_config, get_teacher_tensor, *, num_encoder_layers=None
                          vocab_size=vocab_size)
     # float32 whatever the teacher's dtype: DeepSpeed keeps master weights and casts for bf16/fp16.
     student = AutoModelForSeq2SeqLM.from_config(cfg, dtype=torch.float32)
-    reasons = []
+    reasons = ["--student-init random was asked"] if init == "random" else []
     if cfg.d_model != teacher_config.d_model:
         reasons.append(f"hidden size {cfg.d_model} differs from the teacher's {teacher_config.d_model}")
     if cfg.vocab_size != teacher_config.vocab_size:
         reasons.append(f"vocabulary size {cfg.vocab_size} differs from the teacher's "
                        f"{teacher_config.vocab_size}")
+    if len(reasons) > (init == "random"):
+        reasons[-1] += ", so teacher weights do not fit"
     enc_copied = dec_copied = None
     if reasons:
-        log(f"student initialised at random: {' and '.join(reasons)}, so teacher weights do not fit")
+        log(f"student initialised at random: {' and '.join(reasons)}")
     else:
         (t_enc, t_dec), (s_enc, s_dec) = _layer_counts(teacher_config), _layer_counts(cfg)
         enc_copied, dec_copied = pick_layers(t_enc, s_enc), pick_layers(t_dec, s_dec)

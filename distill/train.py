@@ -135,13 +135,21 @@ def run(cfg: DistillConfig) -> int:
     if cfg.resume and resume_path is None:
         log(f"--resume: no complete checkpoint in {cfg.output_dir}; starting from scratch")
 
-    teacher = distiller.load_teacher(source)
+    # The teacher's weights are needed to run it (alpha < 1) or to copy its layers; a labels-only
+    # run from random weights uses only its config and tokenizer.
+    teacher = None
+    if cfg.alpha < 1.0 or cfg.student_init == "teacher":
+        teacher = distiller.load_teacher(source)
+    else:
+        log("teacher weights not loaded: labels only (alpha = 1) from a random start")
     torch.manual_seed(cfg.seed)
     student, info = models.build_student(
-        teacher_config, make_tensor_getter(teacher), num_encoder_layers=cfg.num_encoder_layers,
-        num_decoder_layers=cfg.num_decoder_layers, hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size, log=log)
+        teacher_config, make_tensor_getter(teacher) if teacher is not None else None,
+        num_encoder_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
+        hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size, init=cfg.student_init, log=log)
     info.update(_shape_info(teacher_config, student.config))
     distiller.build_engines(teacher, student, steps_per_epoch, total_steps)
+    del teacher  # the engine keeps it when it runs; otherwise its memory goes now
 
     start_step, state = 0, {}
     if resume_path:
@@ -169,7 +177,8 @@ def run(cfg: DistillConfig) -> int:
     }
     if rank == 0:
         export_student(distiller.student.module.model, tokenizer, cfg, info, metrics)
-        log(f"student written to {cfg.output_dir}")
+        what = "distilled student" if cfg.alpha < 1.0 else "model trained on labels only (alpha = 1)"
+        log(f"{what} written to {cfg.output_dir}")
         if not cfg.skip_report:
             _report(cfg, source, raw, log)
     _barrier()
@@ -208,6 +217,14 @@ def _report(cfg, teacher_source, raw, log) -> None:
     log(format_table(report))
 
 
+def train(cfg: DistillConfig) -> int:
+    """Run one distillation (or labels-only training) described by `cfg`; the programmatic entry
+    point (the demo uses it). Returns 0, or EXIT_INTERRUPTED after a signal; raises UserError."""
+    # guard: one run per --output-dir; refused before this run writes anything
+    with output_dir_lock(cfg.output_dir):
+        return run(cfg)
+
+
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
@@ -217,9 +234,7 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     try:
-        # guard: one run per --output-dir; refused before this run writes anything
-        with output_dir_lock(cfg.output_dir):
-            return run(cfg)
+        return train(cfg)
     except UserError as exc:
         # All ranks print it: the failing rank may not be rank 0 (house rule 3).
         rank = os.environ.get("RANK", "0")

@@ -187,12 +187,12 @@ def test_hub_name_without_offline_mode_fails_as_user_error(monkeypatch):
 
 # --- student_config ------------------------------------------------------------------------
 
-def test_student_config_defaults_halve_layers(teacher_dir):
+def test_student_config_defaults_keep_encoder_halve_decoder(teacher_dir):
     path, model_type = teacher_dir
     cfg = load_teacher_config(path, model_type)
     student = student_config(cfg)
     summary = models._summary(student)
-    assert (summary["encoder_layers"], summary["decoder_layers"]) == (3, 3)
+    assert (summary["encoder_layers"], summary["decoder_layers"]) == (TEACHER_LAYERS, TEACHER_LAYERS // 2)
     assert (summary["hidden_dim"], summary["vocab_size"]) == (cfg.d_model, cfg.vocab_size)
     assert models._layer_counts(cfg) == (TEACHER_LAYERS, TEACHER_LAYERS)  # teacher untouched
 
@@ -315,6 +315,16 @@ def test_build_student_resized_is_random_and_says_why(teacher_dir):
         assert student.config.d_kv == 16
     _, info = build_student(cfg, no_teacher, vocab_size=cfg.vocab_size + 8, log=lines.append)
     assert info["init"] == "random" and "vocabulary size" in lines[-1]
+
+
+def test_build_student_random_init_asked_needs_no_teacher_weights(teacher_dir):
+    path, model_type = teacher_dir
+    cfg = load_teacher_config(path, model_type)
+    lines = []
+    student, info = build_student(cfg, None, num_decoder_layers=1, init="random", log=lines.append)
+    assert info["init"] == "random" and info["decoder_layers_copied"] is None
+    assert lines == ["student initialised at random: --student-init random was asked"]
+    assert models._layer_counts(student.config) == (TEACHER_LAYERS, 1)
 
 
 def test_build_student_umt5_copies_per_layer_bias():

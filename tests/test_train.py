@@ -111,6 +111,29 @@ def test_seed_command_local_wins_custom_tokenizer_samsum(workspace, tmp_path):
     assert all(h["kl"] == 0 for h in metrics["history"] if "kl" in h)  # alpha = 1: teacher not run
 
 
+def test_labels_only_from_random_weights_needs_no_teacher_weights(workspace, tmp_path, capsys):
+    """--alpha 1 --student-init random: the baseline of training the small model alone. Only the
+    teacher's config and tokenizer are read, so a folder without weights works."""
+    import shutil
+
+    recipe = tmp_path / "recipe"
+    shutil.copytree(workspace["bart"], recipe)
+    for name in os.listdir(recipe):
+        if name.endswith((".safetensors", ".bin")):
+            os.remove(recipe / name)
+    out = str(tmp_path / "out")
+    rc = main(_argv(workspace, out, "--teacher-local-path", str(recipe), "--alpha", "1", "--student-init",
+                    "random", "--num-decoder-layers", "1") + ["--max-steps", "2"])
+    assert rc == 0
+    printed = capsys.readouterr()
+    assert "teacher weights not loaded" in printed.out and "copied teacher layers" not in printed.out
+    assert "model trained on labels only (alpha = 1) written to" in printed.out
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["student"]["init"] == "random" and metrics["teacher_memory_rank0"] is None
+    card = open(os.path.join(out, "README.md")).read()
+    assert "trained on labels only" in card and "Distilled" not in card and "random initial weights" in card
+
+
 @pytest.mark.parametrize("impl", ["chunked", "naive"])
 def test_other_loss_impls_run(workspace, tmp_path, impl):
     out = str(tmp_path / impl)
@@ -167,6 +190,7 @@ def _argv(workspace, out, *extra, teacher="bart"):
     (["--dataset-local-path", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
     (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),
     (["--bf16", "--fp16"], "--bf16 and --fp16"),
+    (["--student-init", "zeros"], "zeros"),
     (["--global-batch-size", "12", "--per-device-batch-size", "8"], "--global-batch-size 12"),
 ])
 def test_bad_input_one_line_exit_2(workspace, tmp_path, capsys, extra, needle):
@@ -220,9 +244,33 @@ def test_help_exits_zero(capsys):
     assert "--num-encoder-layers" in capsys.readouterr().out
 
 
+def _needs(prec):
+    from distill.distributed import precision_supported
+
+    return pytest.mark.skipif(not precision_supported(prec),
+                              reason=f"DeepSpeed's accelerator on this machine cannot train in {prec} "
+                                     "(e.g. a CPU without fp16 instructions)")
+
+
+@pytest.mark.parametrize("prec, other", [("fp16", "--bf16"), ("bf16", "--fp16")])
+def test_unsupported_precision_is_one_line_naming_the_alternatives(workspace, tmp_path, capsys,
+                                                                   monkeypatch, prec, other):
+    # Runs on any machine: the capability is faked off, the message and exit code are real.
+    from distill import distributed
+
+    real = distributed.precision_supported
+    monkeypatch.setattr(distributed, "precision_supported", lambda p: p != prec and real(p))
+    out = str(tmp_path / "out")
+    assert main(_argv(workspace, out, f"--{prec}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith(f"error: --{prec}: this device") and "Traceback" not in "\n".join(err)
+    assert "fp32" in err[-1] and ((other in err[-1]) == real(other[2:])), err[-1]
+    assert not os.path.exists(out)
+
+
 @pytest.mark.parametrize("extra, expect", [
-    (["--bf16"], "bf16"),
-    (["--fp16"], "fp16"),
+    pytest.param(["--bf16"], "bf16", marks=_needs("bf16")),
+    pytest.param(["--fp16"], "fp16", marks=_needs("fp16")),
     (["--deepspeed", os.path.join(os.path.dirname(os.path.dirname(__file__)), "ds_configs", "zero2_offload.json")],
      "DeepSpeedCPUAdam"),
 ])
