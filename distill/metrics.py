@@ -4,6 +4,13 @@ Quality: scores from well-kept libraries (rouge-score, sacrebleu), so numbers ma
 and the HF examples report, all on a 0-100 scale so a table can put them side by side; and the
 rule that picks the headline metric. Speed and memory: a harness that times every model the
 same way (see measure_speed). distill/evaluate.py loads the models and writes the report.
+
+Beam latency is measured only when num_beams > 1; with 1 its keys are None (greedy is already
+timed). Peak memory is the weights plus the peak tensor memory of one untimed greedy batch
+generation, counted at torch's allocator: CUDA's max_memory_allocated, and on the CPU the
+allocation/free events of torch.profiler(profile_memory=True). The resident set size is not
+used: it stays flat during a generation (freed pages are reused at once), so it would show the
+weights alone. The profiled generation is one more per model, outside the timed rounds.
 """
 from __future__ import annotations
 
@@ -11,7 +18,6 @@ import gc
 import os
 import re
 import statistics
-import threading
 import time
 
 from distill.errors import UserError
@@ -150,25 +156,41 @@ def _timed(model, tokenizer, enc, num_beams, max_new_tokens, device):
     return time.perf_counter() - start, _new_tokens(tokenizer, out)
 
 
-def _rss_bytes() -> int | None:
-    try:
-        import psutil
+def _cpu_tensor_peak_bytes(run) -> int | None:
+    """Peak of torch's CPU tensor memory while `run()` runs, above the level at its start.
 
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        pass
+    torch.profiler with profile_memory=True records every allocation and free of the CPU
+    allocator; their running sum in time order peaks where the generation held the most tensor
+    memory (activations, KV cache, logits, beam state). Sampling the resident set size instead
+    stays flat: glibc hands freed pages straight back to the next allocation. The profiler
+    reports no free of a block allocated before it started, so only memory taken during the
+    run counts. Python objects and the allocator's own caching are not counted. None when this
+    torch's profiler does not expose its events.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    # kineto otherwise writes two "USDT ... profiler_start/stop" lines to stderr per profile;
+    # it reads this when it starts, at the first profile in the process
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    except AttributeError:  # a private attribute of the profiler: gone in some later torch
         return None
+    level = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):  # stable: ties keep their order
+        level += event.nbytes()  # negative for a free
+        peak = max(peak, level)
+    return peak
 
 
 def _peak_extra_bytes(model, enc, max_new_tokens, device) -> int | None:
-    """Peak memory above the level before one untimed greedy batch generation.
+    """Peak tensor memory above the level before one untimed greedy batch generation.
 
-    CUDA: max_memory_allocated after a reset (exact, allocator level). CPU: resident set size
-    sampled every 2 ms in a thread; freed pages are reused, so this is a lower bound.
+    CUDA: max_memory_allocated after a reset. CPU: torch.profiler's allocator events (see
+    _cpu_tensor_peak_bytes). Both count tensors at the allocator, not pages of the process.
     """
     import torch
 
@@ -179,30 +201,18 @@ def _peak_extra_bytes(model, enc, max_new_tokens, device) -> int | None:
         generate(model, enc, 1, max_new_tokens)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    before = _rss_bytes()
-    if before is None:
-        return None
-    peak = [before]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes() or 0)
-            stop.wait(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        generate(model, enc, 1, max_new_tokens)
-    finally:
-        stop.set()
-        sampler.join()
-    return max(0, max(peak[0], _rss_bytes() or 0) - before)
+    if device.type == "cpu":
+        return _cpu_tensor_peak_bytes(lambda: generate(model, enc, 1, max_new_tokens))
+    return None  # other devices: no allocator statistics read here
 
 
 def memory_method(device) -> str:
-    return ("weights + CUDA max_memory_allocated growth during one batch" if device.type == "cuda"
-            else "weights + peak RSS growth during one batch, sampled every 2 ms (lower bound)")
+    if device.type == "cuda":
+        return ("weights + peak growth of CUDA max_memory_allocated during one greedy batch "
+                "generation")
+    return ("weights + peak tensor memory of one greedy batch generation, from torch.profiler's "
+            "CPU allocator events (tensors only: Python objects and allocator caching not "
+            "counted)")
 
 
 def weights_bytes(model) -> int:
@@ -224,9 +234,11 @@ def measure_speed(models: dict, sources: list[str], *, source_prefix="", max_sou
     Each model is warmed up (one call per measured shape: allocator growth, kernel choice and
     lazy init land there), then `repeats` rounds run every model in turn, the order rotated
     each round so drift hits all alike. Batch-1 latency uses a different input each round
-    (greedy, and beam `num_beams` when > 1): p50/p90. Throughput: `batch_size` inputs (cycled
-    when fewer) per call, samples/s from the median time. Generation stops at EOS, so a model
-    that writes more pays for it; mean_new_tokens_b1 shows how much each wrote.
+    (greedy, and beam `num_beams` when > 1; the beam keys are None otherwise): p50/p90.
+    Throughput: `batch_size` inputs (cycled when fewer) per call, samples/s from the median
+    time. Generation stops at EOS, so a model that writes more pays for it; mean_new_tokens_b1
+    shows how much each wrote. peak_memory_mb: weights + the peak tensor memory of one more,
+    untimed batch generation (see _peak_extra_bytes).
     """
     import numpy as np
     import torch
@@ -260,7 +272,7 @@ def measure_speed(models: dict, sources: list[str], *, source_prefix="", max_sou
             t[name]["batch"].append(seconds)
             t[name]["batch_tokens"].append(tokens)
     results = {}
-    gc.collect()  # once, so garbage from the timed rounds is not part of the first baseline
+    gc.collect()  # once, so garbage from the timed rounds is gone before memory is measured
     for name, (model, _) in models.items():
         times = t[name]
         batch_s = statistics.median(times["batch"])

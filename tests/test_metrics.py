@@ -102,3 +102,19 @@ def test_pick_auto_rules():
 def test_pick_auto_empty_references():
     with pytest.raises(UserError, match="empty"):
         pick_main_metric("auto", [])
+
+
+def test_cpu_peak_memory_counts_tensors_allocated_in_the_run():
+    import torch
+
+    held = [torch.ones(1_000_000)]  # 4 MB allocated before the run
+
+    def run():
+        held.clear()  # its free must not lower the level: only the run's own memory counts
+        a = torch.ones(2_000_000)  # 8 MB
+        b = torch.ones(500_000)  # +2 MB: the peak, 10 MB
+        del a, b
+        torch.ones(250_000)  # 1 MB after the peak
+
+    peak = metrics._cpu_tensor_peak_bytes(run)
+    assert 10_000_000 <= peak < 10_500_000
