@@ -21,6 +21,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from distill.data_files import FILE_TYPES, as_text, first_line, read_file, select_columns
 from distill.config import is_unset
 from distill.errors import UserError
+from distill.preflight import check_local_path
 
 # Names a split goes by in the wild, mapped to the three this toolkit uses.
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
@@ -62,9 +63,7 @@ def load_raw_splits(dataset: str | None, dataset_local_path: str | None, input_c
 
 def _load_local(path: str, columns: dict, log) -> dict:
     """-> {split: (Dataset with source/target, description for messages)}."""
-    if not os.path.exists(path):
-        raise UserError(f"dataset path {path} does not exist; pass --dataset-local-path an existing "
-                        "file or folder (json/jsonl/csv/tsv/parquet or a save_to_disk folder)")
+    check_local_path(path)
     if os.path.isdir(path):
         if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
             return _load_saved(path, columns, log)

@@ -34,7 +34,11 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
-    deepspeed.init_distributed(verbose=False)
+    from distill.logs import library_prints
+
+    # DeepSpeed print()s "... deepspeed_shm_comm_op built successfully" here on every run.
+    with library_prints("deepspeed"):
+        deepspeed.init_distributed(verbose=False)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -126,13 +130,41 @@ def check_supported(prec: str) -> None:
                     f"accelerator reports no {prec} support); {alternatives}")
 
 
-def student_ds_config(cfg, *, world_size: int, grad_accum: int, total_steps: int,
-                      warmup_steps: int, prec: str) -> dict[str, Any]:
+def teacher_zero_stage(cfg, world_size: int) -> int:
+    """--teacher-zero-stage, else 3 (partitioned) on several ranks and 0 on one."""
+    if cfg.teacher_zero_stage is not None:
+        return cfg.teacher_zero_stage
+    return 3 if world_size > 1 else 0
+
+
+def _student_json(cfg) -> dict[str, Any]:
     conf = load_ds_config(cfg.deepspeed, "--deepspeed")
     stage = conf.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise UserError(f"--deepspeed {cfg.deepspeed!r} asks for ZeRO stage {stage} for the student; "
                         "the student engine supports stages 0, 1 and 2 (use ds_configs/zero2.json)")
+    return conf
+
+
+def _teacher_json(cfg) -> dict[str, Any]:
+    conf = load_ds_config(cfg.teacher_deepspeed, "--teacher-deepspeed")
+    stage = conf.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        raise UserError(f"--teacher-deepspeed {cfg.teacher_deepspeed!r} has ZeRO stage {stage}; the "
+                        "partitioned teacher needs stage 3 (or pass --teacher-zero-stage 0)")
+    return conf
+
+
+def check_ds_configs(cfg, world_size: int) -> None:
+    """The DeepSpeed JSON files this run will read exist, parse and ask for supported stages."""
+    _student_json(cfg)
+    if cfg.alpha < 1.0 and teacher_zero_stage(cfg, world_size) == 3:
+        _teacher_json(cfg)
+
+
+def student_ds_config(cfg, *, world_size: int, grad_accum: int, total_steps: int,
+                      warmup_steps: int, prec: str) -> dict[str, Any]:
+    conf = _student_json(cfg)
     for key in ("bf16", "fp16"):
         enabled = conf.get(key, {}).get("enabled")
         if enabled not in ("auto", None) and bool(enabled) != (prec == key):
@@ -165,11 +197,7 @@ def student_ds_config(cfg, *, world_size: int, grad_accum: int, total_steps: int
 
 
 def teacher_ds_config(cfg, *, prec: str) -> dict[str, Any]:
-    conf = load_ds_config(cfg.teacher_deepspeed, "--teacher-deepspeed")
-    stage = conf.get("zero_optimization", {}).get("stage", 0)
-    if stage != 3:
-        raise UserError(f"--teacher-deepspeed {cfg.teacher_deepspeed!r} has ZeRO stage {stage}; the "
-                        "partitioned teacher needs stage 3 (or pass --teacher-zero-stage 0)")
+    conf = _teacher_json(cfg)
     conf.pop("optimizer", None)
     conf.pop("scheduler", None)
     return fill_auto(conf, {"train_micro_batch_size_per_gpu": cfg.per_device_batch_size,

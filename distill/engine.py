@@ -27,7 +27,7 @@ import torch
 
 from distill import checkpoint, guard
 from distill.distributed import (all_reduce_sum, device_for, precision, resolve_grad_accum,
-                                 student_ds_config, teacher_ds_config)
+                                 student_ds_config, teacher_ds_config, teacher_zero_stage)
 from distill.errors import UserError
 from distill.objective import HiddenStates, Objective, lm_head_of
 
@@ -82,7 +82,7 @@ class Distiller:
         self.device = device_for(local_rank)
         self.prec = precision(cfg, on_gpu=self.device.type != "cpu")
         self.grad_accum = resolve_grad_accum(cfg, world_size)
-        self.teacher_stage = cfg.teacher_zero_stage if cfg.teacher_zero_stage is not None else (3 if world_size > 1 else 0)
+        self.teacher_stage = teacher_zero_stage(cfg, world_size)
         self.stop_signal = None
         self.teacher_memory = None  # set by load_teacher; stays None when the teacher is not loaded
 

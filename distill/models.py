@@ -41,13 +41,22 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
 
 
+def local_folder(local_path, what: str, flag: str) -> str | None:
+    """The expanded folder `local_path` (None when unset); a UserError naming `flag` when it is
+    not an existing folder."""
+    if is_unset(local_path):
+        return None
+    path = os.path.expanduser(str(local_path))
+    if not os.path.isdir(path):
+        raise UserError(f"{what} folder {path} given by {flag} does not exist or is "
+                        f"not a folder; expected a folder written by save_pretrained")
+    return path
+
+
 def resolve_source(hub_name, local_path, what: str) -> str:
     """The folder or hub name to load `what` ("teacher", ...) from; a local path wins."""
-    if not is_unset(local_path):
-        path = os.path.expanduser(str(local_path))
-        if not os.path.isdir(path):
-            raise UserError(f"{what} folder {path} given by --{what}-local-path does not exist or is "
-                            f"not a folder; expected a folder written by save_pretrained")
+    path = local_folder(local_path, what, f"--{what}-local-path")
+    if path is not None:
         return path
     if not is_unset(hub_name):
         return str(hub_name)
@@ -118,14 +127,7 @@ def load_tokenizer(teacher_source: str, tokenizer_path: str | None = None, *,
     """The tokenizer from --custom-tokenizer-local-path when given, else the teacher's."""
     from transformers import AutoTokenizer
 
-    if not is_unset(tokenizer_path):
-        path = os.path.expanduser(str(tokenizer_path))
-        if not os.path.isdir(path):
-            raise UserError(f"tokenizer folder {path} given by --custom-tokenizer-local-path does not "
-                            f"exist or is not a folder; expected a folder written by save_pretrained")
-        source = path
-    else:
-        source = teacher_source
+    source = local_folder(tokenizer_path, "tokenizer", "--custom-tokenizer-local-path") or teacher_source
     return _load(AutoTokenizer.from_pretrained, source, "tokenizer", "--custom-tokenizer-local-path",
                  trust_remote_code=bool(trust_remote_code))
 

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # `deepspeed distill/train.py` runs this file as 
 
 from distill.config import DistillConfig, parse_args  # noqa: E402
 from distill.errors import UserError  # noqa: E402
-from distill.guard import is_lock_file, output_dir_lock  # noqa: E402
+from distill.guard import output_dir_lock  # noqa: E402
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 3
@@ -35,20 +35,6 @@ class Logger:
         elif all_ranks:
             prefix = f"[rank {self.rank}] " if self.world_size > 1 else ""
             print(prefix + message, flush=True)
-
-
-def check_output_dir(cfg: DistillConfig) -> None:
-    out = cfg.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--output-dir {out!r} is a file; pass a folder path")
-    # guard: our own lock file (taken just before this check) does not make the folder "not empty"
-    if os.path.isdir(out) and [n for n in os.listdir(out) if not is_lock_file(n)] and not (
-            cfg.overwrite_output_dir or cfg.resume or cfg.resume_from):
-        raise UserError(f"--output-dir {out!r} is not empty; pass --overwrite-output-dir to replace its "
-                        "files, --resume to continue the run in it, or choose another folder")
-    if cfg.resume_from and not os.path.isdir(cfg.resume_from):
-        raise UserError(f"--resume-from {cfg.resume_from!r} does not exist; pass a checkpoint folder "
-                        "(e.g. OUTPUT_DIR/checkpoints/step-000100)")
 
 
 def _take(ds, n):
@@ -120,7 +106,9 @@ def run(cfg: DistillConfig) -> int:
     from distill.distributed import init_distributed
     from distill.engine import Distiller, make_tensor_getter
     from distill.export import export_student
+    from distill.preflight import check_output_dir
 
+    # Checked again under the lock: the folder may have changed since main's preflight.
     check_output_dir(cfg)
     rank, world_size, local_rank = init_distributed()
     log = Logger(rank, world_size)
@@ -226,10 +214,21 @@ def train(cfg: DistillConfig) -> int:
 
 
 def main(argv=None) -> int:
+    import contextlib
+    import io
+
+    from distill import preflight
+
+    # Under a launcher every rank runs this; errors that depend only on the options are the
+    # same on every rank, so rank 0 alone prints them (and --help), and the others exit quietly.
+    rank0 = os.environ.get("RANK", "0") in ("", "0")
     try:
-        cfg = parse_args(argv)
+        with contextlib.redirect_stdout(sys.stdout if rank0 else io.StringIO()):
+            cfg = parse_args(argv)
+        preflight.check(cfg, preflight.env_world_size())
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if rank0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
