@@ -1,7 +1,8 @@
 """Teacher vs student report: quality on the same inputs, speed, memory and size.
 
-    python -m distill.evaluate --teacher DIR_OR_ID --student DIR --dataset-local-path data.jsonl \
-        --dataset-input-column document --dataset-target-column summary --output-dir report/
+    python -m distill.evaluate --teacher DIR_OR_ID --student [NAME=]DIR [--student ...] \
+        --dataset-local-path data.jsonl --dataset-input-column document \
+        --dataset-target-column summary --output-dir report/
 
 How things are measured (also written into every report, so a reader needs no source):
 - Quality: greedy decoding (num_beams=1, no sampling) over every evaluation sample, each model
@@ -14,11 +15,16 @@ How things are measured (also written into every report, so a reader needs no so
   per repetition, p50/p90 in ms. Throughput: a batch of --batch-size inputs (cycled if there are
   fewer), samples/s from the median time. Generation stops at EOS, so a model that writes longer
   outputs pays for it; the mean number of new tokens is reported next to the times.
-- Memory: weights (parameters + buffers) plus the peak extra memory of one extra, untimed
-  batch generation. CUDA: torch.cuda.max_memory_allocated after a reset. CPU: resident set size
-  sampled every 2 ms in a thread; the allocator reuses freed pages, so the extra part is a lower
-  bound.
+  Beam latency only when --num-beams > 1 (greedy is timed anyway).
+- Memory: weights (parameters + buffers) plus the peak tensor memory of one extra, untimed
+  batch generation, counted at torch's allocator. CUDA: torch.cuda.max_memory_allocated after a
+  reset. CPU: the allocation/free events of torch.profiler(profile_memory=True), summed in time
+  order (resident set size does not move: freed pages are reused at once).
 - Size: parameters counted once (tied embeddings shared), bytes of weight files on disk.
+
+Models are called by name everywhere (tables, examples, plot, report.json): the teacher
+"teacher" (or teacher_name), each student NAME from --student NAME=DIR, else its folder's name.
+Columns with nothing measured are left out of the tables; report.json keeps their keys as null.
 """
 from __future__ import annotations
 
@@ -30,9 +36,11 @@ import sys
 from distill.errors import UserError
 from distill.metrics import (METRICS, SPEED_KEYS, compute_metrics, encode, generate,
                              measure_speed, memory_method, pick_main_metric, weights_bytes)
-from distill.report_files import format_table, write_report
+from distill.report_files import (N_EXAMPLES, format_table, name_models, pick_examples,
+                                  write_report)
 
-__all__ = ["compute_metrics", "pick_main_metric", "run_report", "format_table", "write_report", "main"]
+__all__ = ["compute_metrics", "pick_main_metric", "run_report", "format_table", "write_report",
+           "parse_student", "main"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 MB = 1024 * 1024
@@ -60,7 +68,7 @@ def _load(path: str, role: str, device, trust_remote_code: bool):
     # trainer's --model-type check, so it calls the helper rather than load_teacher.
     from distill.models import _load as load_pretrained
 
-    flag = f"--{role.split('_')[0]}"
+    flag = f"--{role}"
     try:
         model = load_pretrained(AutoModelForSeq2SeqLM.from_pretrained, path, role, flag,
                                 dtype=torch.float32 if device.type == "cpu" else "auto",
@@ -144,30 +152,33 @@ def _ratio(num, den):
     return num / den if num is not None and den else None
 
 
-def run_report(teacher: str, students: list[str], sources: list[str], references: list[str],
-               output_dir: str, *, main_metric="auto", source_prefix="", max_source_length=512,
-               max_new_tokens=128, batch_size=32, num_beams=4, speed_repeats=5,
-               skip_speed=False, device=None, trust_remote_code=False, log=print) -> dict:
+def run_report(teacher: str, students: list[str | tuple[str, str]], sources: list[str],
+               references: list[str], output_dir: str, *, teacher_name="teacher",
+               main_metric="auto", source_prefix="", max_source_length=512, max_new_tokens=128,
+               batch_size=32, num_beams=4, speed_repeats=5, skip_speed=False, device=None,
+               trust_remote_code=False, log=print) -> dict:
     """Evaluate the teacher and each student on `sources`; write report.md, report.json and
     quality_vs_speed.png into `output_dir`; return the report.json content.
 
-    Models are named "teacher", "student" (the first student) and "student_2", ... in order.
-    Top-level figures compare the first student with the teacher: speedup_b1 (greedy batch-1
-    p50 latency ratio), speedup_b32 (throughput ratio at `batch_size`, 32 by default) and
-    quality_retention (student's main metric / teacher's). Raises UserError on bad input,
-    before anything is written.
+    A student is a folder (named after it) or a (name, folder) pair; the teacher is named
+    `teacher_name`. report.json's "models" is keyed by these names, each with its "role";
+    "headline_student" names the first student, which the top-level figures compare with the
+    teacher: speedup_b1 (greedy batch-1 p50 latency ratio), speedup_b32 (throughput ratio at
+    `batch_size`, 32 by default) and quality_retention (student's main metric / teacher's).
+    Raises UserError on bad input, before anything is written.
     """
     import torch
 
     if not students:
         raise UserError("no student given; pass at least one --student folder")
-    for path in students:
+    named = name_models(teacher, teacher_name, students)
+    for name, role, path in named[1:]:
         if not os.path.isdir(os.path.expanduser(path)):
-            raise UserError(f"student folder {path!r} not found; pass the folder the trainer "
-                            f"exported (it holds config.json and the weights)")
+            raise UserError(f"student folder {path!r} ({name!r}) not found; pass the folder the "
+                            f"trainer exported (it holds config.json and the weights)")
     if teacher.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(teacher)):
         raise UserError(f"teacher folder {teacher!r} not found; pass a model folder or a Hub id")
-    for role, path in [("teacher", teacher)] + [("student", s) for s in students]:
+    for _, role, path in named:
         _check_folder(os.path.expanduser(path), role)
     if not sources:
         raise UserError("no evaluation samples; the evaluation split is empty")
@@ -185,11 +196,11 @@ def run_report(teacher: str, students: list[str], sources: list[str], references
     device = _resolve_device(device)
 
     entries = []
-    names = ["teacher", "student"] + [f"student_{i}" for i in range(2, len(students) + 1)]
-    for name, path in zip(names, [teacher] + list(students)):
-        log(f"evaluate: loading {name} from {path}")
-        model, tokenizer = _load(os.path.expanduser(path), name, device, trust_remote_code)
-        entries.append({"name": name, "path": path, "model": model, "tokenizer": tokenizer})
+    for name, role, path in named:
+        log(f"evaluate: loading {role} {name!r} from {path}")
+        model, tokenizer = _load(os.path.expanduser(path), role, device, trust_remote_code)
+        entries.append({"name": name, "role": role, "path": path, "model": model,
+                        "tokenizer": tokenizer})
 
     models = {}
     predictions = {}
@@ -201,7 +212,7 @@ def run_report(teacher: str, students: list[str], sources: list[str], references
                 max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
             disk = _size_on_disk(os.path.expanduser(e["path"]))
             models[e["name"]] = {
-                "role": "teacher" if e["name"] == "teacher" else "student",
+                "role": e["role"],
                 "path": e["path"],
                 "dtype": str(next(e["model"].parameters()).dtype).replace("torch.", ""),
                 "parameters": sum(p.numel() for p in e["model"].parameters()),
@@ -218,15 +229,17 @@ def run_report(teacher: str, students: list[str], sources: list[str], references
                 repeats=speed_repeats, device=device, log=log)
     for name, figures in models.items():
         figures.update(speed.get(name, dict.fromkeys(SPEED_KEYS)))
-    t = models["teacher"]
+    t = models[named[0][0]]
     for name, m in models.items():
         if m["role"] == "student":
             m["speedup_b1"] = _ratio(t["latency_greedy_b1_p50_ms"], m["latency_greedy_b1_p50_ms"])
             m["speedup_b32"] = _ratio(m["throughput_samples_per_s"], t["throughput_samples_per_s"])
             m["quality_retention"] = _ratio(m[main_metric], t[main_metric])
-    first = models["student"]
+    headline = named[1][0]
+    first = models[headline]
     report = {
         "main_metric": main_metric,
+        "headline_student": headline,
         "speedup_b1": first["speedup_b1"],
         "speedup_b32": first["speedup_b32"],
         "quality_retention": first["quality_retention"],
@@ -247,9 +260,9 @@ def run_report(teacher: str, students: list[str], sources: list[str], references
             "memory_method": memory_method(device),
             "torch": torch.__version__,
         },
-        "examples": [{"source": sources[i], "reference": references[i],
-                      **{n: predictions[n][i] for n in predictions}}
-                     for i in range(min(3, len(sources)))],
+        "examples": [{"row": i, "source": sources[i], "reference": references[i],
+                      "outputs": {n: predictions[n][i] for n in predictions}}
+                     for i in pick_examples(references, predictions, N_EXAMPLES)],
     }
     write_report(report, output_dir, log)
     for e in entries:  # free the models before the caller (the trainer) carries on
@@ -259,12 +272,29 @@ def run_report(teacher: str, students: list[str], sources: list[str], references
 
 # ---------------------------------------------------------------- CLI
 
+def parse_student(value: str) -> str | tuple[str, str]:
+    """--student's value: DIR, or NAME=DIR to call the model NAME in the report. An existing
+    folder wins, so a folder whose name holds '=' still works as a plain DIR."""
+    path = os.path.expanduser(value)
+    if os.path.isdir(path):
+        return value
+    name, sep, folder = value.partition("=")
+    if sep and name.strip() and folder:
+        if not os.path.isdir(os.path.expanduser(folder)):
+            raise UserError(f"student folder {folder!r} (named {name.strip()!r}) not found; pass "
+                            f"--student NAME=DIR with the folder the trainer exported")
+        return name.strip(), folder
+    raise UserError(f"student folder {value!r} not found; pass --student DIR or "
+                    f"--student NAME=DIR with the folder the trainer exported")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher folder or Hub model id")
-    p.add_argument("--student", action="append", required=True,
-                   help="student folder; repeat to compare several (the first is headlined)")
+    p.add_argument("--student", action="append", required=True, metavar="[NAME=]DIR",
+                   help="student folder, or NAME=DIR to call it NAME in the report (default: "
+                        "the folder's name); repeat to compare several (the first is headlined)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="Hub dataset name")
     src.add_argument("--dataset-local-path", help="save_to_disk folder or json/jsonl/csv/tsv/parquet")
@@ -279,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--main-metric", default="auto", help=f"auto or one of {', '.join(METRICS)}")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-beams", type=int, default=4, help="beam width of the latency figure")
+    p.add_argument("--num-beams", type=int, default=4,
+                   help="beam width of the latency figure (1: greedy only)")
     p.add_argument("--speed-repeats", type=int, default=5)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -297,9 +328,7 @@ def main(argv=None) -> int:
         if args.main_metric != "auto" and args.main_metric not in METRICS:
             raise UserError(f"unknown metric {args.main_metric!r}; expected auto or one of "
                             f"{', '.join(METRICS)}")
-        for path in args.student:
-            if not os.path.isdir(path):
-                raise UserError(f"student folder {path!r} not found; pass the exported folder")
+        students = [parse_student(value) for value in args.student]
         from distill.data import load_raw_splits
 
         splits = load_raw_splits(args.dataset, args.dataset_local_path, args.dataset_input_column,
@@ -314,7 +343,7 @@ def main(argv=None) -> int:
             data = data.select(range(min(args.max_eval_samples, len(data))))
         print(f"evaluate: {len(data)} samples from split {split!r}")
         report = run_report(
-            args.teacher, args.student, list(data["source"]), list(data["target"]),
+            args.teacher, students, list(data["source"]), list(data["target"]),
             args.output_dir, main_metric=args.main_metric, source_prefix=args.source_prefix,
             max_source_length=args.max_source_length, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, num_beams=args.num_beams,
