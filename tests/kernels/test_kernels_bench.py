@@ -8,6 +8,7 @@ from kernels import bench
 def test_quick_bench_json(capsys, backend):
     assert bench.main(["--quick", "--json", "--repeats", "1", "--liger", "off"]) == 0
     doc = json.loads(capsys.readouterr().out)
+    assert doc["note"] == bench.QUICK_NOTE
     assert doc["environment"]["threads"] == 2 and "malloc_env" in doc["environment"]
     (case,) = doc["cases"]
     rows = {r["row"]: r for r in case["rows"]}
@@ -25,6 +26,23 @@ def test_quick_bench_json(capsys, backend):
     # the eager row switched the native step off for itself only
     assert os.environ.get("SEQ2SEQ_DISTILL_NATIVE") == ("0" if backend == "eager" else None)
     assert os.environ.get("SEQ2SEQ_DISTILL_TRITON") == ("1" if backend == "triton" else None)
+
+
+def test_quick_tables_say_their_ratios_mean_nothing(capsys, backend):
+    assert bench.main(["--quick", "--repeats", "1", "--liger", "off", "--rows", "floor,fused_hidden"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "smoke test" in bench.QUICK_NOTE and "mean nothing" in bench.QUICK_NOTE
+    assert lines[0] == "--quick: " + bench.QUICK_NOTE  # the header, before any figure
+    table = lines.index(next(ln for ln in lines if ln.startswith("case:")))
+    assert lines[table + 1] == lines[-1] == "NOTE: " + bench.QUICK_NOTE  # above and below the table
+    assert bench.LABEL["fused_hidden"] in out
+
+
+def test_full_size_tables_carry_no_smoke_note(capsys):
+    results = {"floor": {"row": "floor", "time_s": 1.0, "cpu_s": 2.0, "peak_mb": 0.0}}
+    bench.print_table(dict(vocab=5, tokens=2, hidden=3, teacher_hidden=4, dtype="fp32"), results)
+    assert "NOTE" not in capsys.readouterr().out
 
 
 def test_table_prints_every_row(capsys):
