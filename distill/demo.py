@@ -60,11 +60,9 @@ def _tokenizer_texts(rows: list[dict]) -> list[str]:
     return [r["target"] for r in rows] + [re.sub(r"(\d)", r" \1 ", r["source"]) for r in rows]
 
 
-def build_seed_teacher(task_dir: str, out_dir: str, seed: int) -> str:
-    """A randomly initialised teacher-shaped BART and a tokenizer trained on the task's text."""
-    import torch
-    from transformers import AutoModelForSeq2SeqLM
-
+def write_teacher_recipe(task_dir: str, out_dir: str) -> str:
+    """The teacher's starting point: its config and a tokenizer trained on the task's text, no
+    weights. The teacher is then trained from random weights (labels only) by the same engine."""
     from distill.toy import tiny_config, train_tokenizer
 
     with open(os.path.join(task_dir, "train.jsonl"), encoding="utf-8") as f:
@@ -75,44 +73,29 @@ def build_seed_teacher(task_dir: str, out_dir: str, seed: int) -> str:
                          heads=shape["heads"], ffn=shape["ffn"], max_positions=MAX_LEN * 2)
     config.decoder_layers = shape["decoder_layers"]
     # BART's default init_std (0.02) suits d_model 1024. At d_model 128 it leaves attention
-    # near-uniform for hundreds of steps, and the decoder first learns to ignore the source
-    # (measured: exact match 0 after 700 steps); 1/sqrt(d_model) breaks out within ~350 steps.
+    # near-uniform for hundreds of steps and the decoder learns to ignore the source;
+    # 1/sqrt(d_model) trains (README, "The demo").
     config.init_std = shape["d_model"] ** -0.5
-    torch.manual_seed(seed)
-    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(out_dir)
+    config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
-def random_like(model_dir: str, out_dir: str, layers: tuple[int, int], seed: int) -> str:
-    """A randomly initialised model with `model_dir`'s config (other layer counts) and tokenizer:
-    the CE-only baseline starts here, i.e. as a user training the small model without a teacher."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(model_dir)
-    config.encoder_layers, config.decoder_layers = layers
-    torch.manual_seed(seed)
-    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
-    return out_dir
-
-
 def _train(init_dir: str, task_dir: str, out_dir: str, layers: tuple[int, int], *, alpha: float,
-           steps: int, lr: float, rows: int, sizes: dict, seed: int) -> None:
-    from distill.train import main as train_main
+           student_init: str, steps: int, lr: float, rows: int, sizes: dict, seed: int) -> None:
+    from distill.config import DistillConfig
+    from distill.train import train
 
-    argv = ["--model-type", "bart", "--teacher-local-path", init_dir,
-            "--num-encoder-layers", str(layers[0]), "--num-decoder-layers", str(layers[1]),
-            "--dataset-local-path", task_dir, "--output-dir", out_dir, "--overwrite-output-dir",
-            "--alpha", str(alpha), "--temperature", str(sizes["temperature"]),
-            "--max-source-length", str(MAX_LEN), "--max-target-length", str(MAX_LEN),
-            "--max-steps", str(steps), "--per-device-batch-size", str(sizes["batch"]),
-            "--max-train-samples", str(rows),
-            "--learning-rate", str(lr), "--warmup-ratio", "0.05", "--seed", str(seed),
-            "--max-eval-samples", str(sizes["n_validation"]), "--skip-report"]
-    code = train_main(argv)
-    if code != 0:  # the trainer has printed why
+    cfg = DistillConfig(
+        model_type="bart", teacher_local_path=init_dir, student_init=student_init,
+        num_encoder_layers=layers[0], num_decoder_layers=layers[1],
+        dataset_local_path=task_dir, output_dir=out_dir, overwrite_output_dir=True,
+        alpha=alpha, temperature=sizes["temperature"], max_source_length=MAX_LEN,
+        max_target_length=MAX_LEN, max_steps=steps, per_device_batch_size=sizes["batch"],
+        max_train_samples=rows, learning_rate=lr, warmup_ratio=0.05, seed=seed,
+        max_eval_samples=sizes["n_validation"], skip_report=True)
+    code = train(cfg)
+    if code != 0:  # interrupted: the trainer has printed why
         raise _StageFailed(code)
 
 
@@ -130,26 +113,29 @@ def _teacher_key(sizes: dict, seed: int) -> str:
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
-def get_teacher(task_dir: str, work_dir: str, cache_dir: str, sizes: dict, seed: int,
-                force: bool, log=print) -> str:
+def get_teacher(task_dir: str, cache_dir: str, sizes: dict, seed: int, force: bool,
+                log=print) -> str:
     """The cached teacher for this recipe, or a freshly trained one put into the cache."""
     import shutil
+    import tempfile
 
     final = os.path.join(cache_dir, f"teacher-{_teacher_key(sizes, seed)}")
     if os.path.isfile(os.path.join(final, "config.json")) and not force:
         log(f"teacher: cached at {final} (--force-retrain-teacher to train it again)")
         return final
-    seed_dir = build_seed_teacher(task_dir, os.path.join(work_dir, "teacher-seed"), seed)
     enc_dec = (TEACHER_SHAPE["encoder_layers"], TEACHER_SHAPE["decoder_layers"])
     # Trained into a scratch folder and renamed when complete, so an interrupted run never
     # leaves a half-trained teacher that a later run would take for a cached one.
     scratch = final + ".partial"
-    _train(seed_dir, task_dir, scratch, enc_dec, alpha=1.0, steps=sizes["teacher_steps"],
-           lr=sizes["teacher_lr"], rows=sizes["n_train"], sizes=sizes, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="teacher-recipe-") as recipe:
+        write_teacher_recipe(task_dir, recipe)
+        _train(recipe, task_dir, scratch, enc_dec, alpha=1.0, student_init="random",
+               steps=sizes["teacher_steps"], lr=sizes["teacher_lr"], rows=sizes["n_train"],
+               sizes=sizes, seed=seed)
     if os.path.isdir(final):
         shutil.rmtree(final)
     os.replace(scratch, final)
-    log(f"teacher: trained and cached at {final}")
+    log(f"teacher: trained, then moved from {os.path.basename(scratch)} into the cache at {final}")
     return final
 
 
@@ -176,11 +162,11 @@ def build_parser():
     return p
 
 
-def check_targets(report: dict) -> list[tuple[str, bool]]:
-    """The demo's promises, each with whether this run kept it."""
+def check_targets(report: dict, distilled: str, ce_only: str) -> list[tuple[str, bool]]:
+    """The demo's promises, each with whether this run kept it (models named as in the report)."""
     models = report["models"]
     metric = report["main_metric"]
-    teacher, student, ce = models["teacher"][metric], models["student"][metric], models["student_2"][metric]
+    teacher, student, ce = models["teacher"][metric], models[distilled][metric], models[ce_only][metric]
     return [
         (f"teacher {metric} {teacher:.1f} >= {TARGETS['teacher_exact_match']:.0f}",
          teacher >= TARGETS["teacher_exact_match"]),
@@ -225,38 +211,42 @@ def main(argv=None) -> int:
 
         stage(2, "teacher")
         teacher = args.teacher_local_path or get_teacher(
-            task_dir, out, cache_dir, sizes, args.seed, args.force_retrain_teacher)
+            task_dir, cache_dir, sizes, args.seed, args.force_retrain_teacher)
 
         stage(3, f"distilling a {STUDENT_LAYERS[0]}+{STUDENT_LAYERS[1]}-layer student "
                  f"(alpha={sizes['alpha']}, T={sizes['temperature']})")
         budget = dict(steps=sizes["student_steps"], lr=sizes["student_lr"], sizes=sizes, seed=args.seed,
                       rows=sizes["student_steps"] * sizes["batch"])  # one pass: no row tokenized in vain
         distilled = os.path.join(out, "student-distilled")
-        _train(teacher, task_dir, distilled, STUDENT_LAYERS, alpha=sizes["alpha"], **budget)
+        _train(teacher, task_dir, distilled, STUDENT_LAYERS, alpha=sizes["alpha"],
+               student_init="teacher", **budget)
 
-        stage(4, f"training a CE-only student of the same shape and budget (alpha=1, {args.ce_init} init)")
+        init = "random" if args.ce_init == "scratch" else "teacher"
+        stage(4, f"training a CE-only student of the same shape and budget (alpha=1, "
+                 f"{'random weights' if init == 'random' else 'the teacher layers'} to start)")
         ce_only = os.path.join(out, "student-ce-only")
-        ce_start = teacher if args.ce_init == "teacher" else random_like(
-            teacher, os.path.join(out, "student-ce-only-init"), STUDENT_LAYERS, args.seed)
-        _train(ce_start, task_dir, ce_only, STUDENT_LAYERS, alpha=1.0, **budget)
+        _train(teacher, task_dir, ce_only, STUDENT_LAYERS, alpha=1.0, student_init=init, **budget)
 
         stage(5, f"evaluating teacher, distilled and CE-only students on {len(test)} test sentences")
         from distill.evaluate import format_table, run_report
 
-        report = run_report(teacher, [distilled, ce_only], [r["source"] for r in test],
-                            [r["target"] for r in test], out, main_metric="exact_match",
-                            max_source_length=MAX_LEN, max_new_tokens=MAX_LEN, batch_size=32,
-                            num_beams=1, speed_repeats=sizes["speed_repeats"])
+        names = {"teacher": "teacher", "distilled": "distilled",
+                 "ce": f"CE-only ({args.ce_init} init)"}
+        report = run_report(teacher, [(names["distilled"], distilled), (names["ce"], ce_only)],
+                            [r["source"] for r in test], [r["target"] for r in test], out,
+                            main_metric="exact_match", max_source_length=MAX_LEN,
+                            max_new_tokens=MAX_LEN, batch_size=32, num_beams=1,
+                            speed_repeats=sizes["speed_repeats"])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except _StageFailed as exc:
         return exc.args[0]
-    print(f"\nstudent = distilled (teacher's layers + KD), student_2 = CE-only ({args.ce_init} init); "
+    print(f"\n{names['distilled']} = the teacher's layers + KD; {names['ce']} = labels only; "
           "same shape, steps and data\n" + format_table(report))
     print(f"\nfinished in {time.time() - start:.0f}s; report in {os.path.join(out, 'report.md')}")
     if not args.smoke:
-        for text, ok in check_targets(report):
+        for text, ok in check_targets(report, names["distilled"], names["ce"]):
             print(f"  [{'ok' if ok else 'MISSED'}] {text}")
     return 0
 

@@ -101,8 +101,8 @@ def test_cached_teacher_is_reused_without_training(tmp_path, monkeypatch):
     cached.mkdir(parents=True)
     (cached / "config.json").write_text("{}")
     monkeypatch.setattr(demo, "_train", lambda *a, **k: pytest.fail("trained despite the cache"))
-    got = demo.get_teacher(str(tmp_path / "task"), str(tmp_path / "work"), str(tmp_path / "cache"),
-                           sizes, 0, force=False, log=lambda *_: None)
+    got = demo.get_teacher(str(tmp_path / "task"), str(tmp_path / "cache"), sizes, 0, force=False,
+                           log=lambda *_: None)
     assert got == str(cached)
     # Another recipe (seed, sizes) must not hit this cache entry.
     assert demo._teacher_key(sizes, 1) != demo._teacher_key(sizes, 0)
@@ -141,11 +141,11 @@ def test_check_targets_reports_each_promise():
     def report(teacher, student, ce, b1, b32):
         return {"main_metric": "exact_match", "speedup_b1": b1, "speedup_b32": b32,
                 "quality_retention": student / teacher,
-                "models": {"teacher": {"exact_match": teacher}, "student": {"exact_match": student},
-                           "student_2": {"exact_match": ce}}}
+                "models": {"teacher": {"exact_match": teacher}, "distilled": {"exact_match": student},
+                           "CE-only": {"exact_match": ce}}}
 
-    assert all(ok for _, ok in demo.check_targets(report(99.0, 96.0, 80.0, 2.5, 3.0)))
-    missed = [ok for _, ok in demo.check_targets(report(85.0, 70.0, 75.0, 2.5, 1.5))]
+    assert all(ok for _, ok in demo.check_targets(report(99.0, 96.0, 80.0, 2.5, 3.0), "distilled", "CE-only"))
+    missed = [ok for _, ok in demo.check_targets(report(85.0, 70.0, 75.0, 2.5, 1.5), "distilled", "CE-only")]
     assert missed == [False, False, False, False]
 
 
@@ -164,4 +164,17 @@ def test_smoke_end_to_end(tmp_path):
         report = json.load(f)
     for key in ("speedup_b1", "speedup_b32", "quality_retention", "models"):
         assert key in report
+    assert set(report["models"]) == {"teacher", "distilled", "CE-only (scratch init)"}
     assert os.listdir(tmp_path / "cache")  # the teacher was cached for the next run
+    # Only the task, the two students and the report are left in the output folder.
+    assert sorted(p for p in os.listdir(out) if os.path.isdir(out / p)) == [
+        "student-ce-only", "student-distilled", "task"]
+    # Each stage says what it did: the CE-only student starts from random weights, not copies.
+    log = res.stdout
+    assert log.count("copied teacher layers") == 2  # distilled student only: encoder + decoder
+    assert log.count("student initialised at random: --student-init random") == 2  # teacher, CE-only
+    bars = [line for line in re.split(r"[\r\n]", res.stderr) if "train (labels only)" in line]
+    assert bars and not any("kl=" in line for line in bars)
+    card = (out / "student-ce-only" / "README.md").read_text()
+    assert "labels only" in card and "Distilled" not in card
+    assert "Distilled" in (out / "student-distilled" / "README.md").read_text()
