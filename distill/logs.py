@@ -132,6 +132,7 @@ class LibraryLog:
         self._saved: dict[str, int] = {}
         self._asked_level: dict[str, int] = {}
         self._showwarning = None
+        self._hf_bars = False  # whether transformers showed its progress bars before _start
         self.closed = False
 
     # ---- records -----------------------------------------------------------------------------
@@ -180,6 +181,13 @@ class LibraryLog:
             # deletes the attribute and sets the level the library last asked for.
             logger.setLevel = functools.partial(self._asked_level.__setitem__, name)
         logging.Logger.callHandlers = _call_handlers
+        # transformers' own progress bars ("Loading weights", "Writing model shards") say nothing
+        # the log lines around them do not; ours (training, tokenizing, generating) stay.
+        from transformers.utils import logging as hf_logging
+
+        self._hf_bars = hf_logging.is_progress_bar_enabled()
+        if not self.verbose:
+            hf_logging.disable_progress_bar()
         self._showwarning = warnings.showwarning
         warnings.showwarning = self._warning
         self._warning_dirs = _package_dirs(WARNING_PACKAGES)
@@ -209,6 +217,10 @@ class LibraryLog:
             logging.Logger.callHandlers = _original_call_handlers
         if warnings.showwarning == self._warning:
             warnings.showwarning = self._showwarning
+        if self._hf_bars:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
         for name, level in self._saved.items():
             logger = logging.getLogger(name)
             if logger.__dict__.pop("setLevel", None) is not None:

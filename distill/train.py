@@ -22,6 +22,7 @@ from distill.errors import UserError  # noqa: E402
 from distill.guard import output_dir_lock  # noqa: E402
 
 EXIT_USER_ERROR = 2
+LIBRARY_LOG = "library.log"  # what DeepSpeed, torch, transformers and datasets log (distill/logs.py)
 EXIT_INTERRUPTED = 3
 
 
@@ -99,7 +100,7 @@ def loaders(cfg, tokenized, tokenizer, rank, world_size, grad_accum):
     return train_loader, sampler, eval_loader, steps_per_epoch
 
 
-def run(cfg: DistillConfig) -> int:
+def run(cfg: DistillConfig, lib=None) -> int:
     import torch
 
     from distill import checkpoint, models
@@ -110,6 +111,13 @@ def run(cfg: DistillConfig) -> int:
 
     # Checked again under the lock: the folder may have changed since main's preflight.
     check_output_dir(cfg)
+    if os.environ.get("RANK", "0") in ("", "0"):
+        from distill.distributed import load_ds_config
+        from distill.logs import ops_build_notice
+
+        notice = ops_build_notice(load_ds_config(cfg.deepspeed, "--deepspeed"))
+        if notice:
+            print(notice, flush=True)
     rank, world_size, local_rank = init_distributed()
     log = Logger(rank, world_size)
     torch.manual_seed(cfg.seed)
@@ -118,6 +126,8 @@ def run(cfg: DistillConfig) -> int:
     train_loader, sampler, eval_loader, steps_per_epoch = loaders(
         cfg, tokenized, tokenizer, rank, world_size, distiller.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    if rank == 0 and lib is not None:  # the input is valid: from here on the run writes files
+        lib.attach_file(os.path.join(cfg.output_dir, LIBRARY_LOG))
 
     resume_path = cfg.resume_from or (checkpoint.latest_checkpoint(cfg.output_dir) if cfg.resume else None)
     if cfg.resume and resume_path is None:
@@ -208,9 +218,19 @@ def _report(cfg, teacher_source, raw, log) -> None:
 def train(cfg: DistillConfig) -> int:
     """Run one distillation (or labels-only training) described by `cfg`; the programmatic entry
     point (the demo uses it). Returns 0, or EXIT_INTERRUPTED after a signal; raises UserError."""
-    # guard: one run per --output-dir; refused before this run writes anything
-    with output_dir_lock(cfg.output_dir):
-        return run(cfg)
+    from distill import logs
+
+    # Library noise goes to OUTPUT_DIR/library.log (ARCHITECTURE.md, "Logs"); a caller that
+    # opened the library log already (the demo) keeps it open after this run.
+    opened_here = logs.active() is None
+    lib = logs.quiet_libraries()
+    try:
+        # guard: one run per --output-dir; refused before this run writes anything
+        with output_dir_lock(cfg.output_dir):
+            return run(cfg, lib)
+    finally:
+        if opened_here:
+            lib.close()
 
 
 def main(argv=None) -> int:
