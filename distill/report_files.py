@@ -190,7 +190,7 @@ def write_report(report, output_dir, log):
 
 
 def plot_spec(report) -> dict:
-    """What the plot shows: one point per model (x, y, label "name / size", role), the axis
+    """What the plot shows: one point per model (x, y, label "name, size", role), the axis
     labels and limits. Quality starts at 0, so the gap between points is the gap in score, and
     ends a little above the best score (at least 10, at most 105: scores are 0-100)."""
     metric = report["main_metric"]
@@ -198,7 +198,7 @@ def plot_spec(report) -> dict:
     timed = all(m["throughput_samples_per_s"] is not None for m in models.values())
     points = [{"name": name, "role": m["role"], "y": m[metric],
                "x": m["throughput_samples_per_s"] if timed else m["parameters"] / 1e6,
-               "label": f"{name}\n{m['parameters'] / 1e6:.3g}M params"}
+               "label": f"{name}, {m['parameters'] / 1e6:.3g}M params"}
               for name, m in models.items()]
     top = max(p["y"] for p in points)
     return {"points": points, "ylim": (0.0, min(105.0, max(10.0, 1.15 * top))),
@@ -217,23 +217,22 @@ def _plot(spec, path):
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    middle = sum(spec["ylim"]) / 2
+    handles = []
     for i, p in enumerate(spec["points"]):
         teacher = p["role"] == "teacher"
         color = "black" if teacher else colors[i % len(colors)]
         ax.scatter(p["x"], p["y"], s=80 if teacher else 60, marker="s" if teacher else "o",
                    color=color, zorder=3)
-        # each label in its point's colour, on the side facing into the plot
-        ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", fontsize=8,
-                    xytext=(7, 6 if p["y"] < middle else -26), color=color)
+        # Each point is named in the legend ("name, size"): text next to points overlaps when
+        # models of one size sit close together, as a student and its baseline do.
+        handles.append(Line2D([], [], marker="s" if teacher else "o", color=color, linestyle="",
+                              label=p["label"]))
     ax.set_ylim(*spec["ylim"])
-    ax.margins(x=0.3)  # room for the labels right of the outermost points
+    ax.margins(x=0.15)
     ax.set_xlabel(spec["xlabel"])
     ax.set_ylabel(spec["ylabel"])
     ax.set_title(spec["title"])
-    ax.legend(handles=[Line2D([], [], marker="s", color="black", linestyle="", label="teacher"),
-                       Line2D([], [], marker="o", color="grey", linestyle="", label="student")],
-              loc="lower right", fontsize=8)
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
