@@ -208,11 +208,14 @@ def _optional(kind):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" only where the help text does not already state the default."""
+    """Appends "(default: X)" only where there is a default the help text does not already state
+    (an option that is unset by default says nothing)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        return text if "default" in text.lower() else super()._get_help_string(action)
+        if "default" in text.lower() or action.default is None:
+            return text
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -92,3 +92,20 @@ def test_two_ranks_report_a_missing_teacher_once(workspace, tmp_path):
     assert (proc.stdout + proc.stderr).count("error: teacher folder /nonexistent/t") == 1, proc.stderr[-2000:]
     # torchrun itself prints a traceback of its ChildFailedError; the ranks exit 2 with no traceback
     assert "exitcode  : 2" in proc.stderr and "UserError" not in proc.stderr
+
+
+def test_deepspeed_two_ranks_print_help_once():
+    """`deepspeed --num_gpus 2 distill/train.py --help`: one help text for the job, not one per rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "distill/train.py", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("usage: seq2seq-distill") == 1
+
+
+def test_help_states_each_default_once():
+    from distill.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "Default: the teacher's count" in text and "(default: None)" not in text
+    assert "Default: half the teacher's (at least 1)." in text
