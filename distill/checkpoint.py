@@ -138,7 +138,7 @@ def save(engine, output_dir: str, step: int, trainer_state: dict[str, Any], *, r
     A failure on any rank (disk full, permissions) raises the same UserError on every rank and
     leaves the complete checkpoints as they were.
     """
-    from distill import guard
+    from distill import faults
 
     root = checkpoints_dir(output_dir)
     final = os.path.join(root, f"step-{step:06d}")
@@ -154,7 +154,7 @@ def save(engine, output_dir: str, step: int, trainer_state: dict[str, Any], *, r
         # RNG state is per rank (dropout streams differ by rank); DeepSpeed keeps client_state
         # per rank alongside its own shards.
         engine.save_checkpoint(tmp, tag=TAG, client_state={"rng": rng_state()}, save_latest=False)
-        guard.on_checkpoint_written(step, rank, tmp)
+        faults.at("checkpoint_written", step=step, rank=rank, path=tmp)  # tests only
     except (OSError, RuntimeError) as exc:  # RuntimeError: how torch.save reports a full disk
         error = exc
     if _any_rank(error is not None, engine):

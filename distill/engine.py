@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from distill import checkpoint, guard
+from distill import checkpoint, faults
 from distill.distributed import (all_reduce_sum, device_for, precision, resolve_grad_accum,
                                  student_ds_config, teacher_ds_config, teacher_zero_stage)
 from distill.errors import UserError
@@ -234,7 +234,7 @@ class Distiller:
                     if i >= per_epoch:
                         break
                     loss, ce, kl = self.compute_loss(batch)
-                    loss = guard.on_train_loss(loss, step + 1, self.rank)  # guard: fault injection (tests)
+                    loss = faults.at("train_loss", loss, step=step + 1, rank=self.rank)  # tests only
                     finite = all_reduce_sum([0.0 if torch.isfinite(loss).item() else 1.0], self.device)[0] == 0
                     tokens = int((batch["labels"] != -100).sum())
                     if not finite:

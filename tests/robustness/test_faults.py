@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from distill import checkpoint, guard
+from distill import checkpoint, faults, guard
 from distill.errors import UserError
 
 REL_TOL = 1e-6
@@ -254,8 +254,8 @@ def test_old_checkpoints_are_retired_and_a_step_is_replaced_atomically(tmp_path)
 
 
 def test_fault_spec_parsing():
-    assert guard.parse_faults(" nan@3, kill_in_save@8,raise_on_rank1@2 ") == {
+    assert faults.parse_faults(" nan@3, kill_in_save@8,raise_on_rank1@2 ") == {
         "nan": 3, "kill_in_save": 8, "raise_on_rank1": 2}
-    assert guard.parse_faults("") == {}
+    assert faults.parse_faults("") == {}
     with pytest.raises(ValueError, match="cannot parse 'nan3'"):
-        guard.parse_faults("nan3")
+        faults.parse_faults("nan3")
