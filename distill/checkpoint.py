@@ -28,6 +28,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from distill.distributed import any_rank
 from distill.errors import UserError
 
 MARKER = "COMPLETE"
@@ -96,17 +97,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _any_rank(flag: bool, engine) -> bool:
-    """True on every rank if `flag` is true on any rank (collective when distributed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=getattr(engine, "device", "cpu"))
-    dist.all_reduce(t)
-    return t.item() > 0
-
-
 def _retire(path: str) -> None:
     """Remove a checkpoint folder so that no kill can leave it looking complete: first an atomic
     rename to a .tmp- name (ignored by resume, swept at the next save), then the slow delete."""
@@ -157,7 +147,7 @@ def save(engine, output_dir: str, step: int, trainer_state: dict[str, Any], *, r
         faults.at("checkpoint_written", step=step, rank=rank, path=tmp)  # tests only
     except (OSError, RuntimeError) as exc:  # RuntimeError: how torch.save reports a full disk
         error = exc
-    if _any_rank(error is not None, engine):
+    if any_rank(error is not None, getattr(engine, "device", "cpu")):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
@@ -174,7 +164,7 @@ def save(engine, output_dir: str, step: int, trainer_state: dict[str, Any], *, r
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             error = exc
-    if _any_rank(error is not None, engine):
+    if any_rank(error is not None, getattr(engine, "device", "cpu")):
         raise _failure("finish", final, error, output_dir) from None
     if rank == 0:
         for old in complete_checkpoints(output_dir)[:-keep]:

@@ -127,7 +127,7 @@ class DistillConfig:
             setattr(self, f.name, _none(getattr(self, f.name)))
         self.validate()
 
-    # Each check names the value found and the fix (house rule 1).
+    # Each check names the value found and the fix (ARCHITECTURE.md, "Rules").
     def validate(self):
         if self.model_type not in MODEL_TYPES:
             raise UserError(f"--model-type {self.model_type!r} is not supported; use one of {', '.join(MODEL_TYPES)}")

@@ -224,3 +224,8 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when `flag` is true on any rank (a collective when distributed)."""
+    return all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0

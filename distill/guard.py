@@ -3,7 +3,14 @@
 Rank 0 holds fcntl.flock on <output_dir>/.distill.lock for the run's life. The kernel drops a
 flock when its holder dies (even by SIGKILL), so a lock file left behind by a dead run never
 blocks the next one; only a live holder does. The lock is taken before the run writes anything
-else, and the file is removed again when the run ends.
+else, and the file is removed again when the run ends (so a run stopped by bad input leaves
+nothing behind, not even the folder the lock created).
+
+Why not the `filelock` package: its UnixFileLock takes the same flock, but removing the lock
+file at the end races with a run that opened the old file just before: that run would then hold
+a lock on an unlinked inode while a third run locks a new file. Here each run checks, after
+locking, that the path still names the inode it locked, and retries if not; that needs the
+locked descriptor, which filelock keeps private.
 """
 from __future__ import annotations
 
