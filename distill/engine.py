@@ -2,22 +2,23 @@
 
 Facts (read these before changing the loop):
 - Every rank runs this same code; the launcher (deepspeed / torchrun / python) only decides how
-  many ranks there are. Rank 0 alone writes files and prints summaries (house rule 3).
+  many ranks there are. Rank 0 alone writes files and prints summaries (see ARCHITECTURE.md).
 - The teacher is frozen and in eval mode (no dropout: its soft targets must be deterministic) and
   runs under no_grad. With world size > 1 it defaults to ZeRO-3: the checkpoint is read under
-  ZeRO-3 init via transformers' HfDeepSpeedConfig, so each rank only ever holds its partition.
+  ZeRO-3 init (zero.zero3_loading), so each rank only ever holds its partition.
 - The student trains under ZeRO stage 0-2 (ds_configs/zero2.json) with DeepSpeed's optimizer
   (FusedAdam on CUDA, the fused CPU Adam on CPU). engine.step() is called every micro-batch;
   DeepSpeed itself applies the optimizer at gradient-accumulation boundaries.
 - Data: DistributedSampler (each rank its own shard of one seeded permutation), drop_last so all
   ranks do the same number of steps; with --global-batch-size the global batch is the same
   whatever the world size.
-- Both engines' forward returns decoder hidden states (objective.HiddenStates); the lm_heads are
+- Both engines' forward returns decoder hidden states (models.HiddenStates); the lm_heads are
   applied chunk-wise inside the loss, so full-vocabulary logits are never built.
+- What a model is (heads, hidden states, partitioned tensors) is distill.models' knowledge; ZeRO's
+  parameter internals are reached only through distill/zero.py (see ARCHITECTURE.md).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import time
@@ -25,53 +26,17 @@ from typing import Any, Callable
 
 import torch
 
-from distill import checkpoint, faults
+from distill import checkpoint, faults, models, zero
 from distill.distributed import (all_reduce_sum, device_for, precision, resolve_grad_accum,
                                  student_ds_config, teacher_ds_config, teacher_zero_stage)
 from distill.errors import UserError
-from distill.objective import HiddenStates, Objective, lm_head_of
+from distill.objective import Objective
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class BadLossError(UserError):
     pass
-
-
-def _param_bytes(p) -> tuple[int, int, int]:
-    """(elements held on this rank, full elements, bytes held) for a maybe-partitioned param."""
-    if hasattr(p, "ds_tensor"):
-        local = p.ds_tensor.numel()
-        return local, p.ds_numel, local * p.ds_tensor.element_size()
-    return p.numel(), p.numel(), p.numel() * p.element_size()
-
-
-def teacher_memory_line(model) -> tuple[str, dict[str, int]]:
-    local = full = nbytes = 0
-    for p in model.parameters():
-        a, b, c = _param_bytes(p)
-        local, full, nbytes = local + a, full + b, nbytes + c
-    line = f"teacher parameters on this rank: {local:,} of {full:,} ({nbytes / 2**20:.1f} MiB)"
-    return line, {"local": local, "full": full, "bytes": nbytes}
-
-
-def make_tensor_getter(model) -> Callable[[str], torch.Tensor]:
-    """name -> full tensor of the teacher, gathering one ZeRO-3 partition at a time (collective)."""
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-
-    def get(name: str) -> torch.Tensor:
-        if name in buffers:
-            return buffers[name].detach().clone()
-        p = params[name]
-        if hasattr(p, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p]):
-                return p.data.detach().clone()
-        return p.detach().clone()
-
-    return get
 
 
 class Distiller:
@@ -87,22 +52,18 @@ class Distiller:
         self.teacher_memory = None  # set by load_teacher; stays None when the teacher is not loaded
 
     # ---- set-up -----------------------------------------------------------------------------
-    def load_teacher(self, source: str):
-        from distill import models
-
-        # transformers reads the checkpoint under ZeRO-3 init (partitioned) only while an
-        # HfDeepSpeedConfig object is alive (it keeps a weak reference). It must be gone again
-        # before the student is built, or the student would be partitioned too.
-        hf_zero3_switch = None
-        if self.teacher_stage == 3:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self.teacher_ds_conf = teacher_ds_config(self.cfg, prec=self.prec)
-            hf_zero3_switch = HfDeepSpeedConfig(self.teacher_ds_conf)
-        teacher = models.load_teacher(source, self.cfg.model_type, dtype=DTYPES[self.prec],
-                                      trust_remote_code=self.cfg.trust_remote_code)
-        del hf_zero3_switch
-        line, self.teacher_memory = teacher_memory_line(teacher)
+    def load_teacher(self, source: str, teacher_config):
+        """The teacher from `source` with the config train.prepare loaded and checked already;
+        under ZeRO-3 each rank reads only its partition of the checkpoint."""
+        self.teacher_ds_conf = (teacher_ds_config(self.cfg, prec=self.prec) if self.teacher_stage == 3
+                                else None)
+        # The ZeRO-3 loading switch is gone again after this block, before the student is built,
+        # or the student would be partitioned too.
+        with zero.zero3_loading(self.teacher_ds_conf):
+            teacher = models.load_teacher(source, self.cfg.model_type, config=teacher_config,
+                                          dtype=DTYPES[self.prec],
+                                          trust_remote_code=self.cfg.trust_remote_code)
+        line, self.teacher_memory = models.teacher_memory_line(teacher)
         self.log(line, all_ranks=True)
         return teacher
 
@@ -123,7 +84,7 @@ class Distiller:
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         self.student, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=HiddenStates(student), model_parameters=groups, config=conf)
+            model=models.HiddenStates(student), model_parameters=groups, config=conf)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         self.optimizer_name = f"{type(inner).__module__}.{type(inner).__name__}"
         self.teacher = None
@@ -131,9 +92,9 @@ class Distiller:
         self.teacher_model = teacher if self.cfg.alpha < 1.0 else None
         if self.cfg.alpha < 1.0:
             if self.teacher_stage == 3:
-                self.teacher, *_ = deepspeed.initialize(model=HiddenStates(teacher), config=self.teacher_ds_conf)
+                self.teacher, *_ = deepspeed.initialize(model=models.HiddenStates(teacher), config=self.teacher_ds_conf)
             else:
-                self.teacher = HiddenStates(teacher).to(self.device)
+                self.teacher = models.HiddenStates(teacher).to(self.device)
             self.teacher.eval()
         self.objective = Objective(self.cfg.alpha, self.cfg.temperature, self.cfg.loss_impl)
         self.log(f"world size {self.world_size}; student ZeRO stage {conf['zero_optimization'].get('stage', 0)}, "
@@ -147,32 +108,16 @@ class Distiller:
         with torch.no_grad():
             return self.teacher(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
-    @contextlib.contextmanager
-    def _teacher_head(self):
-        """The teacher's (lm_head weight, bias), gathered for the loss when ZeRO-3 partitions it.
-
-        Every loss implementation uses the teacher's head only inside its forward call (the fused
-        kernel computes the student's gradients there too), so the full weight lives only for the
-        duration of one loss call and is released again by GatheredParameters on exit.
-        """
-        weight, bias = lm_head_of(self.teacher_model)
-        if hasattr(weight, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([weight]):
-                yield weight.detach(), (bias.detach() if bias is not None else None)
-        else:
-            yield weight.detach(), (bias.detach() if bias is not None else None)
-
     def compute_loss(self, batch):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.teacher is None:  # alpha = 1: labels only, the teacher is never run
             student_hidden = self.student(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            return self.objective(student_hidden, lm_head_of(self.student.module.model), batch["labels"])
+            return self.objective(student_hidden, models.lm_head_of(self.student.module.model), batch["labels"])
         teacher_hidden = self._teacher_hidden(batch)
         student_hidden = self.student(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        student_head = lm_head_of(self.student.module.model)
-        with self._teacher_head() as teacher_head:
+        student_head = models.lm_head_of(self.student.module.model)
+        # The teacher's lm_head, gathered when ZeRO-3 partitions it, lives for this loss call only.
+        with models.gathered_lm_head(self.teacher_model) as teacher_head:
             return self.objective(student_hidden, student_head, batch["labels"], teacher_hidden, teacher_head)
 
     # ---- evaluation ----------------------------------------------------------------------------

@@ -64,9 +64,9 @@ def _load(path: str, role: str, device, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    # models._load is the house's one hub/folder loader; evaluate needs it without the
-    # trainer's --model-type check, so it calls the helper rather than load_teacher.
-    from distill.models import _load as load_pretrained
+    # models.load_pretrained is the house's one hub/folder loader; evaluate needs it without
+    # the trainer's --model-type check, so it calls it rather than load_teacher.
+    from distill.models import load_pretrained
 
     flag = f"--{role}"
     try:

@@ -105,7 +105,7 @@ def run(cfg: DistillConfig, lib=None) -> int:
 
     from distill import checkpoint, models
     from distill.distributed import init_distributed
-    from distill.engine import Distiller, make_tensor_getter
+    from distill.engine import Distiller
     from distill.export import export_student
     from distill.preflight import check_output_dir
 
@@ -137,12 +137,12 @@ def run(cfg: DistillConfig, lib=None) -> int:
     # run from random weights uses only its config and tokenizer.
     teacher = None
     if cfg.alpha < 1.0 or cfg.student_init == "teacher":
-        teacher = distiller.load_teacher(source)
+        teacher = distiller.load_teacher(source, teacher_config)
     else:
         log("teacher weights not loaded: labels only (alpha = 1) from a random start")
     torch.manual_seed(cfg.seed)
     student, info = models.build_student(
-        teacher_config, make_tensor_getter(teacher) if teacher is not None else None,
+        teacher_config, models.gathering_tensor_getter(teacher) if teacher is not None else None,
         num_encoder_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
         hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size, init=cfg.student_init, log=log)
     info.update(_shape_info(teacher_config, student.config))

@@ -176,12 +176,12 @@ def test_hub_name_without_offline_mode_fails_as_user_error(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    models._hub_reachable.cache_clear()
+    models.hub_reachable.cache_clear()
     try:
         with pytest.raises(UserError) as err:
             load_teacher_config(NO_SUCH_HUB_ID, "bart")
     finally:
-        models._hub_reachable.cache_clear()
+        models.hub_reachable.cache_clear()
     assert NO_SUCH_HUB_ID in _one_line(err) and "--teacher-local-path" in str(err.value)
 
 
@@ -191,10 +191,10 @@ def test_student_config_defaults_keep_encoder_halve_decoder(teacher_dir):
     path, model_type = teacher_dir
     cfg = load_teacher_config(path, model_type)
     student = student_config(cfg)
-    summary = models._summary(student)
+    summary = models.config_summary(student)
     assert (summary["encoder_layers"], summary["decoder_layers"]) == (TEACHER_LAYERS, TEACHER_LAYERS // 2)
     assert (summary["hidden_dim"], summary["vocab_size"]) == (cfg.d_model, cfg.vocab_size)
-    assert models._layer_counts(cfg) == (TEACHER_LAYERS, TEACHER_LAYERS)  # teacher untouched
+    assert models.layer_counts(cfg) == (TEACHER_LAYERS, TEACHER_LAYERS)  # teacher untouched
 
 
 def _big_config(model_type):
@@ -210,7 +210,7 @@ def _big_config(model_type):
 @pytest.mark.parametrize("hidden,heads,ffn", [(512, 8, 2048), (200, 5, 800), (1280, 20, 5120)])
 def test_student_config_resized_heads_divide(model_type, hidden, heads, ffn):
     cfg = student_config(_big_config(model_type), hidden_dim=hidden)
-    summary = models._summary(cfg)
+    summary = models.config_summary(cfg)
     assert (summary["hidden_dim"], summary["attention_heads"], summary["ffn_dim"]) == (hidden, heads, ffn)
     if model_type == "t5":
         assert cfg.d_kv * cfg.num_heads == hidden
@@ -324,7 +324,7 @@ def test_build_student_random_init_asked_needs_no_teacher_weights(teacher_dir):
     student, info = build_student(cfg, None, num_decoder_layers=1, init="random", log=lines.append)
     assert info["init"] == "random" and info["decoder_layers_copied"] is None
     assert lines == ["student initialised at random: --student-init random was asked"]
-    assert models._layer_counts(student.config) == (TEACHER_LAYERS, 1)
+    assert models.layer_counts(student.config) == (TEACHER_LAYERS, 1)
 
 
 def test_build_student_umt5_copies_per_layer_bias():

@@ -1,177 +1,24 @@
-"""Teacher and tokenizer loading (hub id or folder) and student construction.
-
-Loading is safe by default: transformers reads `model.safetensors` first and falls back to a
-`.bin` only through `torch.load(weights_only=True)`, which refuses to run pickled code; custom
-modelling code (a config with `auto_map` and a model type transformers does not know) is refused
-unless the user passes --trust-remote-code.
-
-A hub name that cannot be reached fails in seconds instead of after huggingface_hub's minute of
-retries: one HEAD request with a short timeout decides whether the Hub is reachable; if it is not
-(or HF_HUB_OFFLINE is set) we load with `local_files_only=True`, so a copy in the local cache still
-works and anything else is a one-line UserError that says how to pass a local folder.
+"""The student: its config from the teacher's, which teacher layers it copies, and building it.
 
 The student is built from the teacher's config. When its hidden size and vocabulary match the
 teacher's, it starts as a copy of the teacher's embeddings, norms, head and a spread-out subset of
-its layers (DistilBART's "shrink and fine-tune"); otherwise it starts at random.
+its layers (DistilBART's "shrink and fine-tune"); otherwise it starts at random. The copy is by
+parameter name: layer i of a student stack reads the teacher's layer pick_layers(...)[i], every
+other tensor (embeddings, positions, final norms, lm_head, BART's final_logits_bias) its namesake.
 """
 from __future__ import annotations
 
-import functools
-import os
-import pickle
 import re
-from typing import Callable
 
+from distill import zero
 from distill.config import is_unset
 from distill.errors import UserError
 
-# --model-type -> the config.model_type values it accepts. umT5 ("uniform mT5") is accepted as
-# mt5: it is mT5's successor with the same config names and multilingual vocabulary, and the
-# layer copying below is name-based, so its per-layer relative attention bias copies too.
-MODEL_FAMILIES = {"bart": {"bart"}, "mbart": {"mbart"}, "t5": {"t5"}, "mt5": {"mt5", "umt5"}}
 _BART_LIKE = {"bart", "mbart"}
 
 # Head sizes of a resized student must be multiples of 8: PyTorch's fused attention kernels
 # (flash / memory-efficient SDPA) want that alignment, and anything narrower is not worth a head.
 HEAD_DIM_MULTIPLE = 8
-# Long enough for a slow link to answer, short enough that an offline run fails at once.
-HUB_PROBE_TIMEOUT_S = 5.0
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
-_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
-
-
-def local_folder(local_path, what: str, flag: str) -> str | None:
-    """The expanded folder `local_path` (None when unset); a UserError naming `flag` when it is
-    not an existing folder."""
-    if is_unset(local_path):
-        return None
-    path = os.path.expanduser(str(local_path))
-    if not os.path.isdir(path):
-        raise UserError(f"{what} folder {path} given by {flag} does not exist or is "
-                        f"not a folder; expected a folder written by save_pretrained")
-    return path
-
-
-def resolve_source(hub_name, local_path, what: str) -> str:
-    """The folder or hub name to load `what` ("teacher", ...) from; a local path wins."""
-    path = local_folder(local_path, what, f"--{what}-local-path")
-    if path is not None:
-        return path
-    if not is_unset(hub_name):
-        return str(hub_name)
-    raise UserError(f"no {what} given: pass --{what} HUB_ID or --{what}-local-path DIR")
-
-
-def _offline_mode() -> bool:
-    from huggingface_hub import constants
-
-    # The env is read here as well because huggingface_hub reads it once, at import.
-    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
-    return bool(constants.HF_HUB_OFFLINE) or env in ("1", "ON", "YES", "TRUE")
-
-
-@functools.lru_cache(maxsize=None)
-def _hub_reachable() -> bool:
-    """One HEAD to the Hub endpoint through huggingface_hub's session (proxies, mirrors, token)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
-        return True
-    except Exception:  # any failure of the probe (DNS, refused, timeout, offline mode) = unreachable
-        return False
-
-
-def _load(loader: Callable, source: str, what: str, flag: str, **kwargs):
-    """`loader(source, **kwargs)` with the offline fallback and one-line UserErrors."""
-    local = os.path.isdir(source)
-    cache_only = not local and (_offline_mode() or not _hub_reachable())
-    if cache_only:
-        kwargs["local_files_only"] = True
-    try:
-        return loader(source, **kwargs)
-    except UserError:
-        raise
-    except _LOAD_ERRORS as err:
-        raise UserError(_explain(err, source, what, flag, local, cache_only)) from err
-
-
-def _explain(err: Exception, source: str, what: str, flag: str, local: bool, cache_only: bool) -> str:
-    text = " ".join(_ANSI.sub("", str(err)).split())
-    if "Weights only load failed" in text:
-        return (f"the {what} at {source} has a pickled .bin checkpoint holding more than plain "
-                f"tensors, and unpickling it could run code from the file, so it was refused; "
-                f"convert it to model.safetensors where you trust its origin")
-    if "trust_remote_code" in text:
-        return (f"the {what} at {source} needs custom code shipped with it (config.json has auto_map "
-                f"for a model type transformers does not know); it was not run; pass "
-                f"--trust-remote-code only if you trust that code")
-    reason = text[:200].rstrip(". ") or type(err).__name__
-    if local:
-        files = ("tokenizer.json, tokenizer_config.json" if what == "tokenizer"
-                 else "config.json, model.safetensors")
-        return (f"cannot load the {what} from folder {source}: {reason}; expected a folder written by "
-                f"save_pretrained ({files})")
-    if cache_only:
-        return (f"cannot load the {what} '{source}': the Hugging Face Hub cannot be reached (or "
-                f"HF_HUB_OFFLINE is set) and it is not in the local cache; download it where there "
-                f"is internet and pass the folder with {flag} DIR")
-    return (f"cannot load the {what} '{source}' from the Hugging Face Hub: {reason}; check the name, "
-            f"or pass a local folder with {flag} DIR")
-
-
-def load_tokenizer(teacher_source: str, tokenizer_path: str | None = None, *,
-                   trust_remote_code=False):
-    """The tokenizer from --custom-tokenizer-local-path when given, else the teacher's."""
-    from transformers import AutoTokenizer
-
-    source = local_folder(tokenizer_path, "tokenizer", "--custom-tokenizer-local-path") or teacher_source
-    return _load(AutoTokenizer.from_pretrained, source, "tokenizer", "--custom-tokenizer-local-path",
-                 trust_remote_code=bool(trust_remote_code))
-
-
-def load_teacher_config(source: str, model_type: str, *, trust_remote_code=False):
-    """The teacher's config, checked against --model-type."""
-    from transformers import AutoConfig
-
-    if model_type not in MODEL_FAMILIES:
-        raise UserError(f"--model-type {model_type!r} is not supported; expected one of "
-                        f"{', '.join(MODEL_FAMILIES)}")
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
-        raise UserError(f"teacher folder {source} has no config.json; expected a folder written by "
-                        f"save_pretrained (config.json, model.safetensors)")
-    config = _load(AutoConfig.from_pretrained, source, "teacher", "--teacher-local-path",
-                   trust_remote_code=bool(trust_remote_code))
-    found = getattr(config, "model_type", None)
-    if found not in MODEL_FAMILIES[model_type]:
-        family = next((f for f, types in MODEL_FAMILIES.items() if found in types), None)
-        fix = (f"pass --model-type {family}" if family else
-               f"use a teacher of one of the families {', '.join(MODEL_FAMILIES)}")
-        raise UserError(f"--model-type {model_type} does not match the teacher at {source}, whose "
-                        f"config.json says model_type {found!r}; {fix}")
-    return config
-
-
-def load_teacher(source: str, model_type: str, *, dtype=None, trust_remote_code=False):
-    """The teacher in eval mode (no dropout: its logits are the target) with no gradients.
-
-    Safe to call inside transformers' HfDeepSpeedConfig (ZeRO-3) scope: everything goes through
-    from_pretrained, which then loads the checkpoint partitioned.
-    """
-    from transformers import AutoModelForSeq2SeqLM
-
-    config = load_teacher_config(source, model_type, trust_remote_code=trust_remote_code)
-    kwargs = {"config": config, "trust_remote_code": bool(trust_remote_code), "weights_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    model = _load(AutoModelForSeq2SeqLM.from_pretrained, source, "teacher", "--teacher-local-path",
-                  **kwargs)
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
 
 
 def pick_layers(n_teacher: int, n_student: int) -> list[int]:
@@ -203,7 +50,8 @@ def _layer_names(config) -> tuple[str, str]:
         "num_layers", "num_decoder_layers")
 
 
-def _layer_counts(config) -> tuple[int, int]:
+def layer_counts(config) -> tuple[int, int]:
+    """(encoder layers, decoder layers) of a BART/mBART/T5/mT5 config."""
     enc, dec = _layer_names(config)
     return getattr(config, enc), getattr(config, dec)
 
@@ -231,7 +79,7 @@ def student_config(teacher_config, *, num_encoder_layers=None, num_decoder_layer
     """
     import copy
 
-    t_enc, t_dec = _layer_counts(teacher_config)
+    t_enc, t_dec = layer_counts(teacher_config)
     layers = {}
     for stack, given, teacher_n in (("encoder", num_encoder_layers, t_enc),
                                     ("decoder", num_decoder_layers, t_dec)):
@@ -281,20 +129,14 @@ def _heads_or_fail(hidden: int, teacher_heads: int, teacher_head_dim: int) -> in
     return heads
 
 
-def _summary(cfg) -> dict:
-    enc, dec = _layer_counts(cfg)
+def config_summary(cfg) -> dict:
+    """The shape of a model config in family-neutral names (build_student's info["config"])."""
+    enc, dec = layer_counts(cfg)
     bart = _family(cfg) == "bart"
     return {"model_type": cfg.model_type, "hidden_dim": cfg.d_model, "encoder_layers": enc,
             "decoder_layers": dec, "vocab_size": cfg.vocab_size,
             "attention_heads": cfg.encoder_attention_heads if bart else cfg.num_heads,
             "ffn_dim": cfg.encoder_ffn_dim if bart else cfg.d_ff}
-
-
-def module_tensor_getter(model) -> Callable:
-    """A `get_teacher_tensor` for a teacher held whole in this process (no ZeRO-3)."""
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    return tensors.__getitem__
 
 
 # A parameter of layer N of a stack: BART "model.encoder.layers.3.fc1.weight",
@@ -332,20 +174,19 @@ def _copy_from_teacher(student, get_teacher_tensor, picks: dict[str, list[int]])
 def build_student(teacher_config, get_teacher_tensor, *, num_encoder_layers=None,
                   num_decoder_layers=None, hidden_dim=None, vocab_size=None, init="teacher",
                   log=print):
-    """A student (train mode, float32) and an info dict; see the module docstring for the rule.
+    """A student (train mode, float32) and an info dict; the module docstring gives the rule.
 
     `get_teacher_tensor(name)` returns the full teacher tensor for a parameter or persistent
     buffer name of the teacher; it is called once per name, for the picked layers only, and
     never with `init="random"` (then it may be None: the teacher's weights are not needed).
-    Must run outside transformers' ZeRO-3 scope: the student is an ordinary (ZeRO-2) model.
+    Must run outside distill.zero.zero3_loading: the student is an ordinary (ZeRO-2) model.
     """
     import torch
     from transformers import AutoModelForSeq2SeqLM
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if is_deepspeed_zero3_enabled():
-        raise RuntimeError("build_student ran inside an HfDeepSpeedConfig ZeRO-3 scope; the student "
-                           "would be partitioned; build it after that scope is gone")
+    if zero.zero3_loading_active():
+        raise RuntimeError("build_student ran inside a ZeRO-3 loading scope (zero.zero3_loading); "
+                           "the student would be partitioned; build it after that scope is gone")
     cfg = student_config(teacher_config, num_encoder_layers=num_encoder_layers,
                          num_decoder_layers=num_decoder_layers, hidden_dim=hidden_dim,
                          vocab_size=vocab_size)
@@ -363,7 +204,7 @@ def build_student(teacher_config, get_teacher_tensor, *, num_encoder_layers=None
     if reasons:
         log(f"student initialised at random: {' and '.join(reasons)}")
     else:
-        (t_enc, t_dec), (s_enc, s_dec) = _layer_counts(teacher_config), _layer_counts(cfg)
+        (t_enc, t_dec), (s_enc, s_dec) = layer_counts(teacher_config), layer_counts(cfg)
         enc_copied, dec_copied = pick_layers(t_enc, s_enc), pick_layers(t_dec, s_dec)
         _copy_from_teacher(student, get_teacher_tensor, {"encoder": enc_copied, "decoder": dec_copied})
         log(f"encoder: copied teacher layers {enc_copied}")
@@ -374,7 +215,7 @@ def build_student(teacher_config, get_teacher_tensor, *, num_encoder_layers=None
     student.train()
     info = {"init": "random" if reasons else "teacher", "encoder_layers_copied": enc_copied,
             "decoder_layers_copied": dec_copied, "teacher_params": teacher_params,
-            "student_params": student.num_parameters(), "config": _summary(cfg)}
+            "student_params": student.num_parameters(), "config": config_summary(cfg)}
     return student, info
 
 

@@ -1,0 +1,68 @@
+"""The one place that touches DeepSpeed ZeRO's parameter internals and transformers' ZeRO-3 switch.
+
+ZeRO-3 replaces each parameter's data with an empty placeholder and keeps this rank's slice in
+`p.ds_tensor`; `p.ds_id` marks a parameter as partitioned and `p.ds_numel` is its full size.
+A full tensor exists only inside `deepspeed.zero.GatheredParameters`, a collective: every rank
+must enter it for the same parameters in the same order.
+
+transformers reads a checkpoint partitioned (ZeRO-3 init) only while an `HfDeepSpeedConfig`
+object is alive (it keeps a weak reference to it); `zero3_loading` holds one for one `with` block.
+
+Everything else (the engines, the loop) uses DeepSpeed's public API: `deepspeed.initialize` and
+the engine's methods. See ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import contextlib
+
+
+def is_partitioned(param) -> bool:
+    """True for a parameter ZeRO-3 has partitioned (its data is a placeholder)."""
+    return hasattr(param, "ds_id")
+
+
+def param_sizes(param) -> tuple[int, int, int]:
+    """(elements held on this rank, full elements, bytes held) for a maybe-partitioned param."""
+    if hasattr(param, "ds_tensor"):
+        local = param.ds_tensor.numel()
+        return local, param.ds_numel, local * param.ds_tensor.element_size()
+    return param.numel(), param.numel(), param.numel() * param.element_size()
+
+
+@contextlib.contextmanager
+def gathered(params):
+    """Inside the block each partitioned parameter of `params` holds its full data; released on
+    exit. Collective when any is partitioned; a no-op (and no DeepSpeed import) otherwise."""
+    params = list(params)
+    if not any(is_partitioned(p) for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict | None):
+    """transformers' from_pretrained loads partitioned (ZeRO-3 init) inside this block when
+    `ds_config` is given (a ZeRO stage 3 DeepSpeed config); plain loading when it is None.
+
+    The switch is gone again on exit, so a model built afterwards (the student) is not partitioned.
+    """
+    switch = None
+    if ds_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        switch = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del switch
+
+
+def zero3_loading_active() -> bool:
+    """True while a `zero3_loading` switch (or any HfDeepSpeedConfig for stage 3) is alive."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
