@@ -1,7 +1,10 @@
-"""Plain-torch references: they materialise every (tokens x vocab) tensor on purpose.
+"""The plain-torch references: they materialise every (tokens x vocab) tensor on purpose.
 
-They are the baseline the benchmark measures against and, run in float64, the reference the
-tests compare the chunked kernels with. Same signatures and semantics as the chunked ones.
+This is the one written-out form of the loss. `naive_logits_loss` is the objective's `naive`
+path (distill/objective.py); the chunked KL, the fused loss and its row steps (torch, C, Triton)
+are tested against these functions run in float64, and the benchmark measures against them.
+`naive_kl_div` and `naive_distill_loss` have the signatures and semantics of chunked_kl_div and
+fused_linear_distill_loss.
 """
 from __future__ import annotations
 
@@ -37,26 +40,55 @@ def naive_kl_div(student_logits, teacher_logits, labels=None, *, temperature=1.0
     return temperature**2 * _masked_mean(_kl_per_token(s, t, temperature), mask)
 
 
+def masked_cross_entropy(student_logits, labels, *, ignore_index=-100):
+    """CE of logits (N, V) or (B, T, V) against labels (N,) or (B, T), averaged over the tokens
+    whose label is not ignore_index; 0 with zero gradients when all are masked. Math in float32
+    for lower-precision inputs, float64 stays float64."""
+    dt = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.reshape(-1, student_logits.shape[-1]).to(dt)
+    lab = labels.reshape(-1)
+    n = (lab != ignore_index).sum().clamp_min(1).to(dt)
+    return F.cross_entropy(s, lab, ignore_index=ignore_index, reduction="sum") / n
+
+
+def naive_logits_loss(student_logits, teacher_logits, labels, *, alpha=0.5, temperature=1.0,
+                      ignore_index=-100):
+    """alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student) on full logits.
+
+    student_logits and teacher_logits: (N, V) or (B, T, V); labels: (N,) or (B, T), ignore_index
+    masks. The teacher gets no gradient; with alpha == 1 it may be None (kl is then 0). CE uses
+    the T = 1 student logits, KL softmax(./T) of both; both are means over unmasked tokens.
+    Returns (loss, ce, kl): ce and kl are detached float32 scalars, kl without the T^2 factor
+    (comparable across temperatures), which only loss applies.
+    """
+    temperature = check_temperature(temperature)
+    if teacher_logits is None and alpha != 1.0:
+        raise ValueError(f"alpha={alpha} < 1 needs a teacher: pass the teacher's logits")
+    dt = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.reshape(-1, student_logits.shape[-1]).to(dt)
+    ce = masked_cross_entropy(s, labels, ignore_index=ignore_index)
+    if teacher_logits is None:
+        kl = s.new_zeros(())
+    else:
+        t = teacher_logits.detach().reshape(-1, s.shape[-1]).to(dt)
+        kl = _masked_mean(_kl_per_token(s, t, temperature),
+                          (labels.reshape(-1) != ignore_index).to(dt))
+    # T^2 keeps the soft term's gradient scale independent of T (Hinton et al. 2015).
+    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kl
+    return loss, ce.detach().float(), kl.detach().float()
+
+
 def naive_distill_loss(student_hidden, student_weight, labels, *, teacher_logits=None,
                        teacher_hidden=None, teacher_weight=None, student_bias=None,
                        teacher_bias=None, alpha=0.5, temperature=1.0, ignore_index=-100,
                        chunk_size=None):
-    """Reference for fused_linear_distill_loss: full logits, log_softmax, kl_div and CE."""
-    temperature = check_temperature(temperature)
-    if (teacher_logits is None) == (teacher_hidden is None):
-        raise ValueError("give the teacher either as teacher_logits or as teacher_hidden + teacher_weight")
-    s = F.linear(student_hidden, student_weight, student_bias)
-    s = s.reshape(-1, s.shape[-1])
-    dt = torch.promote_types(s.dtype, torch.float32)
-    s = s.to(dt)
-    with torch.no_grad():
-        if teacher_logits is None:
+    """Reference for fused_linear_distill_loss (chunk_size is accepted and ignored): the full
+    logits of both lm_heads, then naive_logits_loss."""
+    if teacher_logits is not None and teacher_hidden is not None:
+        raise ValueError("give the teacher either as teacher_logits or as teacher_hidden + teacher_weight, not both")
+    student_logits = F.linear(student_hidden, student_weight, student_bias)
+    if teacher_hidden is not None:
+        with torch.no_grad():
             teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
-        t = teacher_logits.detach().reshape(-1, s.shape[-1]).to(dt)
-    lab = labels.reshape(-1)
-    mask = (lab != ignore_index).to(dt)
-    # CE sums over unmasked tokens, divided by the same count as the KL (0 when all masked).
-    ce = F.cross_entropy(s, lab, ignore_index=ignore_index, reduction="sum") / mask.sum().clamp_min(1)
-    kl = _masked_mean(_kl_per_token(s, t, temperature), mask)
-    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kl
-    return loss, ce.detach().float(), kl.detach().float()
+    return naive_logits_loss(student_logits, teacher_logits, labels, alpha=alpha,
+                             temperature=temperature, ignore_index=ignore_index)
