@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from .kernel_ops import kernels
 from .objective import Objective, decoder_hidden, lm_head_of
 
 PRESETS = {
@@ -100,10 +101,8 @@ def make_steps(teacher, student, batch, alpha: float, temperature: float):
 
 
 def measure(steps: dict, repeats: int, device: torch.device):
-    from kernels._bench_worker import PeakMemory
-
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    mem = PeakMemory(device)
+    mem = kernels.PeakMemory(device)
     times = {m: [] for m in steps}
     peaks = {m: 0.0 for m in steps}
     names = list(steps)
@@ -160,10 +159,8 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    from kernels import rowsteps
-
     env = {"torch": torch.__version__, "threads": args.threads, "device": args.device,
-           "row_step": rowsteps.describe(device),
+           "row_step": kernels.rowsteps.describe(device),
            "alpha": args.alpha, "temperature": args.temperature}
     doc = {"environment": env, "presets": []}
     if not args.json:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -18,40 +17,10 @@ import torch
 
 from . import native, rowsteps
 from . import chunked_kl_div, fused_linear_distill_loss, naive_distill_loss, naive_kl_div
+from .peak_memory import PeakMemory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ALPHA, TEMPERATURE = 0.5, 2.0
-
-
-def _status_mb(key):
-    with open("/proc/self/status") as f:
-        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) / 1024
-
-
-class PeakMemory:
-    """Peak memory above a baseline: CUDA max_memory_allocated, else the process's peak RSS
-    (VmHWM, reset through /proc/self/clear_refs so the baseline excludes input creation)."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def reset(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.base = _status_mb("VmRSS")
-
-    def added_mb(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        # The kernel's RSS counters are per thread and synced lazily (up to 64 pages each), so
-        # a loss that adds nothing can read a fraction of a MB below its baseline.
-        return max(0.0, _status_mb("VmHWM") - self.base)
 
 
 def make_inputs(case, device):

@@ -79,7 +79,9 @@ def run_case(case, args, tmp):
         if args.in_process:
             res = run_row(spec)
         else:
-            proc = subprocess.run([sys.executable, "-m", "kernels._bench_worker", json.dumps(spec)],
+            # the worker under this package's own name: kernels from a checkout, or the
+            # installed seq2seq_distill_kernels (where `kernels` may be Hugging Face's package)
+            proc = subprocess.run([sys.executable, "-m", f"{__package__}._bench_worker", json.dumps(spec)],
                                   capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not lines:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ._core import rowstep_io
+from .switches import env_flag
 
 log = logging.getLogger("kernels.native")
 
@@ -110,7 +111,7 @@ def _load():
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(ENV_SWITCH, default=True)
 
 
 def get():

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 from . import native
+from .switches import env_flag
 
 log = logging.getLogger("kernels.rowsteps")
 TRITON_SWITCH = "SEQ2SEQ_DISTILL_TRITON"
-
-
-def _on(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,7 +34,7 @@ def _triton():
 
 def pick(device):
     """A callable (s, t, labels, maskf, inv_t, c_ce, c_kl, want_grad) -> (ce, kl), or None."""
-    if _on(TRITON_SWITCH) and (device.type == "cuda" or (device.type == "cpu" and _on("TRITON_INTERPRET"))):
+    if env_flag(TRITON_SWITCH) and (device.type == "cuda" or (device.type == "cpu" and env_flag("TRITON_INTERPRET"))):
         fn = _triton()
         if fn is not None:
             return fn
@@ -54,7 +50,7 @@ def describe(device) -> str:
     if fn is None:
         if device.type == "cpu":
             return native.status()
-        return "eager torch" + ("" if _on(TRITON_SWITCH) else f" ({TRITON_SWITCH} not set)")
+        return "eager torch" + ("" if env_flag(TRITON_SWITCH) else f" ({TRITON_SWITCH} not set)")
     if isinstance(fn, functools.partial):
         return "native"
     return "triton" + (" (interpreted)" if device.type == "cpu" else "")

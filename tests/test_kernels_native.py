@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from kernels import chunked_kl_div, fused_linear_distill_loss, native
+from kernels import chunked_kl_div, env_flag, fused_linear_distill_loss, native
 from kernels._core import chunk_grad, chunk_step
 
 
@@ -72,6 +72,37 @@ def test_status_and_switch(monkeypatch):
     assert native.get() is None and native.status().startswith("eager")
     monkeypatch.setenv(native.ENV_SWITCH, "1")
     assert native.status() == "native"
+
+
+@pytest.mark.parametrize("value, default, expected", [
+    (None, True, True), (None, False, False), ("", True, True), ("  ", False, False),
+    ("1", False, True), (" On ", False, True), ("YES", False, True), ("true", False, True),
+    ("0", True, False), ("off", True, False), ("No", True, False), ("FALSE", True, False)])
+def test_env_flag(monkeypatch, value, default, expected):
+    if value is None:
+        monkeypatch.delenv("SEQ2SEQ_DISTILL_TEST_FLAG", raising=False)
+    else:
+        monkeypatch.setenv("SEQ2SEQ_DISTILL_TEST_FLAG", value)
+    assert env_flag("SEQ2SEQ_DISTILL_TEST_FLAG", default=default) is expected
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_env_flag_with_a_typo_keeps_the_default_and_says_so(monkeypatch, default):
+    monkeypatch.setenv("SEQ2SEQ_DISTILL_TRITON", "ture")
+    with pytest.warns(UserWarning, match=r"SEQ2SEQ_DISTILL_TRITON='ture' is not one of 1/true/yes/on or "
+                                         r"0/false/no/off; using the default \((on|off)\)"):
+        assert env_flag("SEQ2SEQ_DISTILL_TRITON", default=default) is default
+
+
+def test_both_row_step_switches_read_env_flag(monkeypatch):
+    from kernels import rowsteps
+
+    monkeypatch.setenv(native.ENV_SWITCH, "off")
+    assert not native.enabled() and native.status() == "eager (SEQ2SEQ_DISTILL_NATIVE=0)"
+    monkeypatch.setenv(native.ENV_SWITCH, "")
+    assert native.enabled()  # blank is unset: the default, on
+    monkeypatch.setenv(rowsteps.TRITON_SWITCH, "no")
+    assert rowsteps.describe(torch.device("cuda")) == "eager torch (SEQ2SEQ_DISTILL_TRITON not set)"
 
 
 def test_no_compiler_falls_back_to_eager_with_same_results():
