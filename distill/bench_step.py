@@ -30,7 +30,8 @@ import time
 import torch
 
 from .kernel_ops import kernels
-from .objective import Objective, decoder_hidden, lm_head_of
+from .models import decoder_hidden, lm_head_of
+from .objective import Objective
 
 PRESETS = {
     # name: teacher config kwargs (distill.toy.tiny_config), student layers, batch, source/target lengths

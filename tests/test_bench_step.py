@@ -34,7 +34,8 @@ def test_tiny_preset_json(capsys, monkeypatch):
 
 def test_fused_and_naive_steps_compute_the_same_loss():
     teacher, student, batch = bench_step.build(bench_step.PRESETS["tiny"], "t5", seed=1)
-    from distill.objective import Objective, decoder_hidden, lm_head_of
+    from distill.models import decoder_hidden, lm_head_of
+    from distill.objective import Objective
 
     ids, am, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
     t_hidden = decoder_hidden(teacher, ids, am, lab).detach()
