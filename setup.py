@@ -1,12 +1,20 @@
 from setuptools import find_packages, setup
 
+KERNELS = "seq2seq_distill_kernels"  # the name distill/kernel_ops.py imports
+
 setup(
     name="seq2seq-distill",
     version="0.1.0",
     description="Distill a fine-tuned BART/T5 teacher into a small, fast student with DeepSpeed.",
-    packages=find_packages(include=["distill", "distill.*", "kernels", "kernels.*"]),
+    # The folder kernels/ installs as the package seq2seq_distill_kernels: the top-level name
+    # `kernels` belongs to Hugging Face's hub-kernels package, which transformers imports, and
+    # two distributions installing one top-level package overwrite each other's files. From a
+    # checkout the folder is still `kernels` (kernels/__init__.py); distill/ uses the installed
+    # name (distill/kernel_ops.py).
+    packages=find_packages(include=["distill", "distill.*"]) + [KERNELS],
+    package_dir={KERNELS: "kernels"},
     # the native loss row step is compiled from this source at first use (kernels/native.py)
-    package_data={"kernels": ["_rowstep.c"]},
+    package_data={KERNELS: ["_rowstep.c"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
