@@ -5,10 +5,10 @@ hidden states) is distill.models' knowledge; here the heads arrive as (weight, b
 
 The student's full (tokens x vocab) logits are the largest tensor of a training step; by default
 they never exist: the decoder's hidden states and the lm_head go into
-`kernels.fused_linear_distill_loss`, which computes logits chunk by chunk. `--loss-impl chunked`
-materialises the student logits but computes the KL chunk-wise; `naive` is the plain-torch
-reference `kernels.naive_logits_loss`, which the tests compare the other two with and the
-benchmark measures them against.
+`kernels.fused_linear_distill_loss` (kernels/, reached through distill/kernel_ops.py), which
+computes logits chunk by chunk. `--loss-impl chunked` materialises the student logits but
+computes the KL chunk-wise; `naive` is the plain-torch reference `kernels.naive_logits_loss`,
+which the tests compare the other two with and the benchmark measures them against.
 
 Shapes: hidden (B, T, H), lm_head weight (V, H), bias (V,), labels (B, T) with -100 for padding.
 Both CE and KL are means over the real (label != -100) target tokens, so a batch of long and short
@@ -37,7 +37,7 @@ class Objective:
         ce and kl are detached, for logging; kl is without the T^2 factor (so it stays comparable
         across temperatures), while loss uses T^2 * kl."""
         # `kernels.<name>` at call time (not `from kernels import`): tests count the calls.
-        import kernels
+        from distill.kernel_ops import kernels
 
         s_w, s_b = student_head
         needs_teacher = self.alpha < 1.0
@@ -66,12 +66,3 @@ class Objective:
         kl = kl_term / self.temperature ** 2
         return loss, ce.detach(), kl.detach()
 
-
-def __getattr__(name: str):
-    # lm_head_of, decoder_hidden and HiddenStates moved to distill.models; distill/bench_step.py
-    # and tests/test_bench_step.py still import them from here until they are updated.
-    if name in ("lm_head_of", "decoder_hidden", "HiddenStates"):
-        from distill import models
-
-        return getattr(models, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
