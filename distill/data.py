@@ -13,11 +13,11 @@ errors) lives in distill.data_files. `save_to_disk` and the Hub go through datas
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
+from distill import hub
 from distill.data_files import FILE_TYPES, as_text, first_line, read_file, select_columns
 from distill.config import is_unset
 from distill.errors import UserError
@@ -27,7 +27,6 @@ from distill.preflight import check_local_path
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
                  "valid": "validation", "val": "validation", "dev": "validation",
                  "test": "test", "testing": "test"}
-HUB_PROBE_TIMEOUT_S = 10.0
 _CHUNK_ROWS = 10_000
 
 
@@ -145,9 +144,9 @@ def _load_hub(dataset: str, columns: dict, trust_remote_code: bool, log) -> dict
     import datasets
     from huggingface_hub import constants
 
-    offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
+    offline = hub.offline_mode() or datasets.config.HF_HUB_OFFLINE  # datasets reads it at import
     if not offline:
-        reason = _hub_unreachable(name)
+        reason = hub.unreachable_reason()
         if reason:
             raise UserError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({reason}) to load "
                             f"dataset {name!r}; pass --dataset-local-path with a local copy instead "
@@ -164,28 +163,6 @@ def _load_hub(dataset: str, columns: dict, trust_remote_code: bool, log) -> dict
         raise UserError(f"dataset {name!r} could not be loaded ({first_line(e)}); "
                         "pick a config with --dataset NAME:CONFIG or pass --dataset-local-path") from None
     return _pick_splits(dd, columns, name, log)
-
-
-def _hub_unreachable(name: str) -> str | None:
-    """Why the Hub cannot be reached, or None. Without this probe load_dataset retries an
-    unreachable Hub for 20-50 s; the probe uses huggingface_hub's own session (its proxies, endpoint,
-    certificates) in a daemon thread, so even a hanging DNS lookup cannot stall past the timeout."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    result: list = []
-
-    def probe():
-        try:
-            get_session().head(f"{constants.ENDPOINT}/api/datasets/{name}", timeout=HUB_PROBE_TIMEOUT_S)
-            result.append(None)
-        except Exception as e:  # any transport failure means "unreachable" here
-            result.append(f"{type(e).__name__}: {first_line(e)}")
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(HUB_PROBE_TIMEOUT_S + 2)
-    return result[0] if result else f"no answer within {HUB_PROBE_TIMEOUT_S:.0f} s"
 
 
 # ----------------------------------------------------------------------------- cleaning

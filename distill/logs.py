@@ -46,6 +46,8 @@ import sys
 import warnings
 from typing import Any
 
+from distill.kernel_ops import env_flag
+
 # The loggers (with their children) libraries log to. "DeepSpeed" is the logger
 # deepspeed.utils.logging creates on import (its own stdout StreamHandler, level WARNING); a few
 # deepspeed modules use logging.getLogger(__name__), hence "deepspeed" too.
@@ -64,7 +66,7 @@ _original_call_handlers = logging.Logger.callHandlers
 
 
 def verbose_requested() -> bool:
-    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(VERBOSE_ENV)
 
 
 class _Router(logging.Handler):

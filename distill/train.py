@@ -5,7 +5,7 @@ Launch it any of these ways (the same code runs in every rank):
     torchrun --nproc_per_node=N main.py ...                N ranks, torchrun's environment
     deepspeed --num_gpus N distill/train.py --deepspeed ds_configs/zero2.json ...
 `main(argv=None) -> int` never lets a UserError become a traceback: it prints one line
-`error: ...` and returns 2 (house rule 1). Every check that can fail on user input runs before
+`error: ...` and returns 2 (ARCHITECTURE.md, "Rules"). Every check that can fail on user input runs before
 anything is written to --output-dir.
 """
 from __future__ import annotations
@@ -145,7 +145,6 @@ def run(cfg: DistillConfig, lib=None) -> int:
         teacher_config, models.gathering_tensor_getter(teacher) if teacher is not None else None,
         num_encoder_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
         hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size, init=cfg.student_init, log=log)
-    info.update(_shape_info(teacher_config, student.config))
     distiller.build_engines(teacher, student, steps_per_epoch, total_steps)
     del teacher  # the engine keeps it when it runs; otherwise its memory goes now
 
@@ -188,18 +187,6 @@ def _barrier():
 
     if dist.is_initialized():
         dist.barrier()
-
-
-def _shape_info(teacher_config, student_config) -> dict:
-    def counts(c):
-        enc = getattr(c, "encoder_layers", None) or getattr(c, "num_layers", None)
-        dec = getattr(c, "decoder_layers", None) or getattr(c, "num_decoder_layers", None)
-        return enc, dec, getattr(c, "d_model", None)
-
-    te, td, th = counts(teacher_config)
-    se, sd, sh = counts(student_config)
-    return {"teacher_encoder_layers": te, "teacher_decoder_layers": td, "teacher_hidden": th,
-            "student_encoder_layers": se, "student_decoder_layers": sd, "student_hidden": sh}
 
 
 def _report(cfg, teacher_source, raw, log) -> None:
@@ -255,7 +242,7 @@ def main(argv=None) -> int:
     try:
         return train(cfg)
     except UserError as exc:
-        # All ranks print it: the failing rank may not be rank 0 (house rule 3).
+        # All ranks print it: the failing rank may not be rank 0 (ARCHITECTURE.md, "Rules").
         rank = os.environ.get("RANK", "0")
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)

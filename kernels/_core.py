@@ -16,13 +16,9 @@ import torch
 # matmuls, so small cache-friendly blocks are best.
 CHUNK_BYTES = 16 * 2**20
 # fused_linear_distill_loss: each chunk streams the whole (V, H) lm_head through three matmuls,
-# so small chunks are matmul-inefficient (measured on a 2-thread CPU at V=50265, N=1024, against
-# the full-size matmuls: 128-row chunks 1.28x, 256 rows 1.20x, 512 rows 1.0x). Blocks of up to
-# ~100 MB each, split evenly: at 4096 tokens x 50265 that is 8 chunks of 512 rows, and the two
-# scratch blocks (three on the eager path) are ~3% of what the naive loss holds (about 7.7
-# float32 (N x V) tensors). Below ~500 tokens at that vocabulary the loss is one chunk; its
-# scratch is then a larger share of a small naive peak (the whole loss adds 19% of the naive
-# loss's memory at 1024 tokens: 300 MB of 1575 MB, grad weight included).
+# so small chunks are matmul-inefficient; blocks of up to ~100 MB each, split evenly (at 4096
+# tokens x 50265 that is 8 chunks of 512 rows). The README ("The loss kernels") has the
+# measurements behind this size.
 FUSED_CHUNK_BYTES = 100 * 2**20
 
 
@@ -92,8 +88,7 @@ def chunk_step(s, t, u, inv_t, labels=None, row_ce=None, row_kl=None):
         u.mul_(inv_t)
     u.exp_()
     z_t = u.sum(1, keepdim=True)
-    # sum_v p_v (t_v - s_v) / T, in t (no longer needed); in place is ~5x faster than a
-    # (r, 1, V) @ (r, V, 1) bmm on CPU and allocates nothing.
+    # sum_v p_v (t_v - s_v) / T, in t (no longer needed): in place, it allocates nothing.
     cross = t.sub_(s).mul_(u).sum(1, keepdim=True).mul_(inv_t).div_(z_t)
     one_exp = inv_t == 1.0 or labels is None
     q = s if one_exp else t

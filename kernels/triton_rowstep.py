@@ -6,8 +6,8 @@ One program per row, two sweeps over it: the first keeps running maxima and resc
 (online softmax, as in FlashAttention), so the row is read once for all the statistics; the
 second writes the gradient. Full-vocabulary probabilities never exist, not even per row.
 
-Status: exact against the eager torch step under Triton's interpreter (TRITON_INTERPRET=1,
-tests/test_kernels_triton.py, run on the CPU); its speed on a GPU has not been measured, which
+Status: exact against the eager torch step under Triton's interpreter (TRITON_INTERPRET=1: every
+test in tests/kernels runs on it too, on the CPU); its speed on a GPU has not been measured, which
 is why it is opt-in. Without it, CUDA tensors use the eager torch row step.
 """
 from __future__ import annotations

@@ -188,7 +188,7 @@ def test_hub_name_config_parsing(monkeypatch):
         return DatasetDict({"train": Dataset.from_list(ROWS[:20]), "test": Dataset.from_list(ROWS[20:])})
 
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
-    monkeypatch.setattr(data, "_hub_unreachable", lambda name: None)
+    monkeypatch.setattr(data.hub, "unreachable_reason", lambda: None)
     dd = load_raw_splits("cnn_dailymail:3.0.0", None, "article", "summary", log=lambda _: None)
     assert calls[-1] == ("cnn_dailymail", "3.0.0", {})
     assert (len(dd["train"]), len(dd["validation"]), len(dd["test"])) == (19, 1, 20)

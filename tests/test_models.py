@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from distill import models
+from distill import hub, models
 from distill.config import is_unset
 from distill.errors import UserError
 from distill.models import (build_student, check_vocab, load_teacher, load_teacher_config,
@@ -176,12 +176,12 @@ def test_hub_name_without_offline_mode_fails_as_user_error(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    models.hub_reachable.cache_clear()
+    hub.unreachable_reason.cache_clear()
     try:
         with pytest.raises(UserError) as err:
             load_teacher_config(NO_SUCH_HUB_ID, "bart")
     finally:
-        models.hub_reachable.cache_clear()
+        hub.unreachable_reason.cache_clear()
     assert NO_SUCH_HUB_ID in _one_line(err) and "--teacher-local-path" in str(err.value)
 
 

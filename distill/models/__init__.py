@@ -2,7 +2,7 @@
 the teacher's ZeRO-3 partitioned tensors. Callers use these names as `models.<name>`.
 
     loading.py      resolve_source, local_folder, load_pretrained (the hub/folder loader with
-                    one-line errors), hub_reachable, load_tokenizer, load_teacher_config,
+                    one-line errors; the Hub probe is distill/hub.py), load_tokenizer, load_teacher_config,
                     load_teacher, MODEL_FAMILIES
     student.py      student_config, pick_layers, layer_counts, config_summary, build_student,
                     check_vocab (the layer map: which teacher tensor each student tensor copies)
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from distill.models.loading import (HUB_PROBE_TIMEOUT_S, MODEL_FAMILIES, hub_reachable,
-                                    load_pretrained, load_teacher, load_teacher_config,
+from distill.models.loading import (MODEL_FAMILIES, load_pretrained, load_teacher, load_teacher_config,
                                     load_tokenizer, local_folder, resolve_source)
 from distill.models.student import (HEAD_DIM_MULTIPLE, build_student, check_vocab, config_summary,
                                     layer_counts, pick_layers, student_config)
@@ -27,8 +26,8 @@ _LAZY = {"lm_head_of": "heads", "decoder_hidden": "heads", "HiddenStates": "head
          "module_tensor_getter": "partitioned", "gathering_tensor_getter": "partitioned",
          "gathered_lm_head": "partitioned", "teacher_memory_line": "partitioned"}
 
-__all__ = ["HEAD_DIM_MULTIPLE", "HUB_PROBE_TIMEOUT_S", "MODEL_FAMILIES", "build_student",
-           "check_vocab", "config_summary", "hub_reachable", "layer_counts", "load_pretrained",
+__all__ = ["HEAD_DIM_MULTIPLE", "MODEL_FAMILIES", "build_student",
+           "check_vocab", "config_summary", "layer_counts", "load_pretrained",
            "load_teacher", "load_teacher_config", "load_tokenizer", "local_folder", "pick_layers",
            "resolve_source", "student_config", *_LAZY]
 

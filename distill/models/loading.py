@@ -14,12 +14,12 @@ works and anything else is a one-line UserError that says how to pass a local fo
 """
 from __future__ import annotations
 
-import functools
 import os
 import pickle
 import re
 from typing import Callable
 
+from distill import hub
 from distill.config import is_unset
 from distill.errors import UserError
 
@@ -27,9 +27,6 @@ from distill.errors import UserError
 # mt5: it is mT5's successor with the same config names and multilingual vocabulary, and the
 # layer copying (student.py) is name-based, so its per-layer relative attention bias copies too.
 MODEL_FAMILIES = {"bart": {"bart"}, "mbart": {"mbart"}, "t5": {"t5"}, "mt5": {"mt5", "umt5"}}
-
-# Long enough for a slow link to answer, short enough that an offline run fails at once.
-HUB_PROBE_TIMEOUT_S = 5.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
@@ -57,33 +54,11 @@ def resolve_source(hub_name, local_path, what: str) -> str:
     raise UserError(f"no {what} given: pass --{what} HUB_ID or --{what}-local-path DIR")
 
 
-def _offline_mode() -> bool:
-    from huggingface_hub import constants
-
-    # The env is read here as well because huggingface_hub reads it once, at import.
-    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
-    return bool(constants.HF_HUB_OFFLINE) or env in ("1", "ON", "YES", "TRUE")
-
-
-@functools.lru_cache(maxsize=None)
-def hub_reachable() -> bool:
-    """One HEAD to the Hub endpoint through huggingface_hub's session (proxies, mirrors, token);
-    the answer is cached for the process (`hub_reachable.cache_clear()` asks again)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
-        return True
-    except Exception:  # any failure of the probe (DNS, refused, timeout, offline mode) = unreachable
-        return False
-
-
 def load_pretrained(loader: Callable, source: str, what: str, flag: str, **kwargs):
     """`loader(source, **kwargs)` (a transformers `from_pretrained`) with the offline fallback
     and one-line UserErrors that name `what` ("teacher", ...) and the `flag` that gives a folder."""
     local = os.path.isdir(source)
-    cache_only = not local and (_offline_mode() or not hub_reachable())
+    cache_only = not local and (hub.offline_mode() or not hub.hub_reachable())
     if cache_only:
         kwargs["local_files_only"] = True
     try:

@@ -216,6 +216,10 @@ def build_student(teacher_config, get_teacher_tensor, *, num_encoder_layers=None
     info = {"init": "random" if reasons else "teacher", "encoder_layers_copied": enc_copied,
             "decoder_layers_copied": dec_copied, "teacher_params": teacher_params,
             "student_params": student.num_parameters(), "config": config_summary(cfg)}
+    for role, config in (("teacher", teacher_config), ("student", cfg)):
+        enc, dec = layer_counts(config)
+        info.update({f"{role}_encoder_layers": enc, f"{role}_decoder_layers": dec,
+                     f"{role}_hidden": config.d_model})
     return student, info
 
 
