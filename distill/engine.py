@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from distill import checkpoint, faults, models, zero
-from distill.distributed import (all_reduce_sum, device_for, precision, resolve_grad_accum,
+from distill.distributed import (all_reduce_sum, any_rank, device_for, precision, resolve_grad_accum,
                                  student_ds_config, teacher_ds_config, teacher_zero_stage)
 from distill.errors import UserError
 from distill.objective import Objective
@@ -180,7 +180,7 @@ class Distiller:
                         break
                     loss, ce, kl = self.compute_loss(batch)
                     loss = faults.at("train_loss", loss, step=step + 1, rank=self.rank)  # tests only
-                    finite = all_reduce_sum([0.0 if torch.isfinite(loss).item() else 1.0], self.device)[0] == 0
+                    finite = not any_rank(not torch.isfinite(loss).item(), self.device)
                     tokens = int((batch["labels"] != -100).sum())
                     if not finite:
                         # Every rank skips this micro-batch together (the flag was all-reduced).
@@ -225,7 +225,7 @@ class Distiller:
                         self.log(f"step {step}: eval loss {metrics['eval_loss']:.4f} (ce {metrics['eval_ce']:.4f}, "
                                  f"kl {metrics['eval_kl']:.4f})")
                     # A signal on any rank stops all of them at the same step boundary.
-                    stop = all_reduce_sum([1.0 if self.stop_signal else 0.0], self.device)[0] > 0
+                    stop = any_rank(self.stop_signal is not None, self.device)
                     if (cfg.save_steps and step % cfg.save_steps == 0) or stop:
                         self.save(step, epoch, state)
                     if stop or step >= self.total_steps:
