@@ -19,6 +19,7 @@ from distill.errors import UserError
 MODEL_TYPES = ("bart", "mbart", "t5", "mt5")
 LOSS_IMPLS = ("fused", "chunked", "naive")
 STUDENT_INITS = ("teacher", "random")
+TARGET_SOURCES = ("reference", "teacher", "mixed")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(_HERE), "ds_configs", "zero2.json")
 DEFAULT_TEACHER_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(_HERE), "ds_configs", "zero3_teacher.json")
@@ -73,6 +74,14 @@ class DistillConfig:
     max_source_length: int = opt(512, "Inputs are truncated to this many tokens (counted in the log).")
     max_target_length: int = opt(128, "Targets are truncated to this many tokens.")
     source_prefix: str = opt("", "Text put before every input, e.g. 'summarize: ' for T5.")
+    pseudo_labels: Optional[str] = opt(None, "Folder written by python -m distill.pseudo_label: "
+                                       "the teacher's outputs for the inputs (sequence-level KD), "
+                                       "for --target-source teacher or mixed.")
+    target_source: str = opt("reference", "Training targets: reference (the dataset's), teacher "
+                             "(the teacher's outputs from --pseudo-labels; the data may then lack a "
+                             "target column) or mixed (each training example twice, with its "
+                             "reference and with the teacher's output). Validation keeps its "
+                             "references.", choices=TARGET_SOURCES)
     # --- objective ---------------------------------------------------------------------------
     alpha: float = opt(0.5, "Weight of the cross-entropy on the labels; 1 - alpha weighs the KL to "
                        "the teacher. alpha=1 trains on labels only (the teacher is not run).")
@@ -166,6 +175,14 @@ class DistillConfig:
             raise UserError(f"--loss-impl {self.loss_impl!r} is not one of {', '.join(LOSS_IMPLS)}")
         if self.student_init not in STUDENT_INITS:
             raise UserError(f"--student-init {self.student_init!r} is not one of {', '.join(STUDENT_INITS)}")
+        if self.target_source not in TARGET_SOURCES:
+            raise UserError(f"--target-source {self.target_source!r} is not one of {', '.join(TARGET_SOURCES)}")
+        if self.target_source != "reference" and is_unset(self.pseudo_labels):
+            raise UserError(f"--target-source {self.target_source} needs the teacher's outputs; pass "
+                            "--pseudo-labels DIR (made by python -m distill.pseudo_label)")
+        if self.target_source == "reference" and not is_unset(self.pseudo_labels):
+            raise UserError("--pseudo-labels is given but --target-source is reference, which does not "
+                            "use it; pass --target-source teacher or mixed, or drop --pseudo-labels")
         if self.teacher_zero_stage not in (None, 0, 3):
             raise UserError(f"--teacher-zero-stage {self.teacher_zero_stage} is not supported; use 0 or 3")
 
@@ -225,17 +242,24 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="seq2seq-distill", description="Distill a fine-tuned BART/T5 teacher into a "
-                     "small, fast student (alpha*CE + (1-alpha)*T^2*KL) with DeepSpeed.",
-                     formatter_class=_HelpFormatter)
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser that raises UserError and states defaults the way this CLI does."""
+    return _Parser(prog=prog, description=description, formatter_class=_HelpFormatter)
+
+
+def add_options(parser: argparse.ArgumentParser, names=None, helps=None) -> None:
+    """Add DistillConfig's options to `parser`: all of them, or only the fields in `names` (other
+    CLIs, e.g. distill.pseudo_label, share the options that mean the same); `helps` replaces the
+    help text of some fields."""
     types = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[str]": str,
              "Optional[float]": float}
     for f in dataclasses.fields(DistillConfig):
-        names = [_flag(f)]
+        if names is not None and f.name not in names:
+            continue
+        flags = [_flag(f)]
         if f.name == "local_rank":
-            names.append("--local-rank")
-        kwargs = {"dest": f.name, "help": f.metadata["help"], "default": f.default}
+            flags.append("--local-rank")
+        kwargs = {"dest": f.name, "help": (helps or {}).get(f.name, f.metadata["help"]), "default": f.default}
         if f.type == "bool":
             # `--bf16` alone means true; `--bf16 false` is accepted for configs/scripts.
             kwargs.update(nargs="?", const=True, type=_str2bool, metavar="BOOL")
@@ -244,7 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = _optional(kind) if f.type.startswith("Optional") else kind
             if "choices" in f.metadata:
                 kwargs["choices"] = list(f.metadata["choices"]) + ([None] if f.type.startswith("Optional") else [])
-        parser.add_argument(*names, **kwargs)
+        parser.add_argument(*flags, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("seq2seq-distill", "Distill a fine-tuned BART/T5 teacher into a small, fast "
+                         "student (alpha*CE + (1-alpha)*T^2*KL) with DeepSpeed.")
+    add_options(parser)
     return parser
 
 

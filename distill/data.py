@@ -3,12 +3,15 @@
 Every source (a Hub name, a `save_to_disk` folder, one json/jsonl/csv/tsv/parquet file or a
 folder of them) ends as the same DatasetDict: "train", "validation" (the source's own, else split
 off train) and "test" when the source has one, each with exactly two string columns "source" and
-"target". Bad data either gets cleaned with a logged count or stops the run with a one-line
-UserError naming the file and line, because a traceback from deep inside a data library names
-neither and a silently shrunk dataset hides a broken export.
+"target". With `require_target=False` (training on the teacher's outputs, pseudo-labelling) a
+source without the target column loads too, its "target" all null, and rows with a blank target
+stay (null target). Bad data either gets cleaned with a logged count or stops the run with a
+one-line UserError naming the file and line, because a traceback from deep inside a data library
+names neither and a silently shrunk dataset hides a broken export.
 
-This module decides which files make which split; reading one file (strict UTF-8, line-numbered
-errors) lives in distill.data_files. `save_to_disk` and the Hub go through datasets/pyarrow.
+`apply_pseudo_labels` turns the teacher's outputs (distill/pseudo_label.py) into the targets that
+--target-source asks for. This module decides which files make which split; reading one file
+(strict UTF-8, line-numbered errors) lives in distill.data_files. `save_to_disk` and the Hub go through datasets/pyarrow.
 """
 from __future__ import annotations
 
@@ -32,15 +35,21 @@ _CHUNK_ROWS = 10_000
 
 def load_raw_splits(dataset: str | None, dataset_local_path: str | None, input_column: str,
                     target_column: str, *, validation_ratio: float = 0.05, seed: int = 42,
-                    trust_remote_code: bool = False, log=print) -> DatasetDict:
+                    trust_remote_code: bool = False, require_target: bool = True,
+                    split_off_validation: bool = True, log=print) -> DatasetDict:
     """Load a dataset as DatasetDict(train, validation[, test]) with string columns source/target.
 
     `dataset_local_path` wins over `dataset` (a Hub name, "NAME:CONFIG" picks a config). Rows with
     an empty or missing source/target are dropped and counted in the log; numbers become text.
+    `require_target=False`: a file or split without the target column gives null targets, and
+    only rows with an empty source are dropped. `split_off_validation=False`: no validation split
+    is made when the source has none (pseudo-labelling labels all of train).
     """
     if not 0.0 < validation_ratio < 1.0:
         raise UserError(f"validation ratio {validation_ratio} is outside (0, 1); pass e.g. 0.05")
     columns = {"source": input_column, "target": target_column}
+    if not require_target:
+        columns["optional"] = True  # read by _read/_select only; the readers see source/target
     if not is_unset(dataset_local_path):
         if not is_unset(dataset):
             log(f"data: --dataset-local-path {dataset_local_path} is used; --dataset {dataset} is ignored")
@@ -52,8 +61,8 @@ def load_raw_splits(dataset: str | None, dataset_local_path: str | None, input_c
                         "or --dataset-local-path PATH (a file, a folder of files or a save_to_disk folder)")
     splits = {}
     for split, (ds, where) in raw.items():
-        splits[split] = _drop_empty(ds, split, where, log)
-    if "validation" not in splits:
+        splits[split] = _drop_empty(ds, split, where, log, require_target)
+    if "validation" not in splits and split_off_validation:
         splits.update(_split_off_validation(splits["train"], raw["train"][1], validation_ratio, seed, log))
     return DatasetDict({name: splits[name] for name in ("train", "validation", "test") if name in splits})
 
@@ -80,7 +89,7 @@ def _load_local(path: str, columns: dict, log) -> dict:
                         "file train.<ext>, or any name other than validation/val/valid/dev/test")
     log(f"data: {path}: " + ", ".join(f"{s} <- {', '.join(os.path.basename(f) for f in fs)}"
                                       for s, fs in sorted(by_split.items())))
-    return {split: (concatenate_datasets([read_file(f, columns, log) for f in fs]),
+    return {split: (concatenate_datasets([_read(f, columns, log) for f in fs]),
                     fs[0] if len(fs) == 1 else path)
             for split, fs in by_split.items()}
 
@@ -115,7 +124,7 @@ def _load_saved(path: str, columns: dict, log) -> dict:
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-save it") from None
     if isinstance(loaded, Dataset):
         log(f"data: {path}: a single saved Dataset, used as train")
-        return {"train": (as_text(select_columns(loaded, columns, path), path, log), path)}
+        return {"train": (as_text(_select(loaded, columns, path, log), path, log), path)}
     return _pick_splits(loaded, columns, path, log)
 
 
@@ -127,11 +136,44 @@ def _pick_splits(dd, columns: dict, name: str, log) -> dict:
             log(f"data: {name}: ignoring split {split!r}")
             continue
         where = f"{name} ({split} split)"
-        picked[role] = (as_text(select_columns(ds, columns, where), where, log), where)
+        picked[role] = (as_text(_select(ds, columns, where, log), where, log), where)
     if "train" not in picked:
         raise UserError(f"{name} has no train split (found: {', '.join(dd) or 'none'}); "
                         "provide one named train")
     return picked
+
+
+def _read(file: str, columns: dict, log) -> Dataset:
+    """read_file, or with an optional target (columns["optional"]) and a file without that
+    column: its sources with null targets."""
+    roles = {"source": columns["source"], "target": columns["target"]}
+    if not columns.get("optional"):
+        return read_file(file, roles, log)
+    try:
+        return read_file(file, roles, log)
+    except UserError as exc:  # data_files names a missing column this way (its one column error)
+        if not str(exc).startswith(f"column {roles['target']!r} not found"):
+            raise
+    ds = read_file(file, {"source": roles["source"], "target": roles["source"]}, log)
+    log(f"data: {file}: no {roles['target']!r} column; inputs only")
+    return _null_targets(ds)
+
+
+def _select(ds: Dataset, columns: dict, where: str, log) -> Dataset:
+    """select_columns, or sources with null targets when the target is optional and absent."""
+    roles = {"source": columns["source"], "target": columns["target"]}
+    target = roles["target"]
+    if not columns.get("optional") or target in ds.column_names or target in ds.flatten().column_names:
+        return select_columns(ds, roles, where)
+    log(f"data: {where}: no {target!r} column; inputs only")
+    return _null_targets(select_columns(ds, {"source": roles["source"], "target": roles["source"]}, where))
+
+
+def _null_targets(ds: Dataset) -> Dataset:
+    import pyarrow as pa
+
+    return Dataset(pa.table({"source": ds.data.column("source"),
+                             "target": pa.nulls(len(ds), type=pa.string())}))
 
 
 # ----------------------------------------------------------------------------- the Hub
@@ -167,22 +209,24 @@ def _load_hub(dataset: str, columns: dict, trust_remote_code: bool, log) -> dict
 
 # ----------------------------------------------------------------------------- cleaning
 
-def _drop_empty(ds: Dataset, split: str, where: str, log) -> Dataset:
-    """Drop rows where source or target is null or blank, log the count; refuse an empty result."""
+def _drop_empty(ds: Dataset, split: str, where: str, log, require_target: bool = True) -> Dataset:
+    """Drop rows where source or (when required) target is null or blank, log the count; refuse
+    an empty result."""
     keep = []
+    what = "source or target" if require_target else "source"
     for batch in ds.with_format("arrow").iter(batch_size=_CHUNK_ROWS):
         # str.strip, not an arrow kernel: "blank" should mean what str.isspace means to the user.
-        ok = [bool(s and s.strip() and t and t.strip())
+        ok = [bool(s and s.strip() and (not require_target or (t and t.strip())))
               for s, t in zip(batch.column("source").to_pylist(), batch.column("target").to_pylist())]
         keep.append(np.asarray(ok, dtype=bool))
     mask = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
     dropped = int(len(mask) - mask.sum())
     if dropped:
-        log(f"data: dropped {dropped} of {len(mask)} {split} rows with an empty source or target")
+        log(f"data: dropped {dropped} of {len(mask)} {split} rows with an empty {what}")
         ds = ds.select(np.flatnonzero(mask))
     if len(ds) == 0:
-        raise UserError(f"the {split} data from {where} is empty" + (" after dropping rows with an empty "
-                        "source or target" if dropped else "") + "; check the file and the column flags "
+        raise UserError(f"the {split} data from {where} is empty" + (f" after dropping rows with an empty "
+                        f"{what}" if dropped else "") + "; check the file and the column flags "
                         "--dataset-input-column/--dataset-target-column")
     return ds
 
@@ -195,6 +239,65 @@ def _split_off_validation(train: Dataset, where: str, ratio: float, seed: int, l
     parts = train.train_test_split(test_size=n_val, seed=seed, shuffle=True)
     log(f"data: no validation split; took {n_val} of {len(train)} train rows as validation (seed {seed})")
     return {"train": parts["train"], "validation": parts["test"]}
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+
+def apply_pseudo_labels(splits: DatasetDict, teacher_output, target_source: str, where: str,
+                        log=print) -> DatasetDict:
+    """The training targets --target-source asks for, from `teacher_output(source) -> str | None`
+    (the teacher's output for an input text, distill.pseudo_label_files.TeacherOutputs.get).
+
+    train, teacher: every row's target is the teacher's output.
+    train, mixed: every row twice, with its reference and with the teacher's output; once where
+        the two are equal, so agreement is not counted double.
+    validation: the reference where there is one, else the teacher's output.
+    test (the report's references): the reference; rows without one are dropped, and a test
+        split without any is left out (the report then uses validation).
+    A train or validation row whose input the pseudo-labels lack is an error (they were made for
+    other data); an empty teacher output is dropped and counted.
+    """
+    out = {}
+    for split, ds in splits.items():
+        sources, references = ds["source"], ds["target"]
+        has_ref = [bool(t and t.strip()) for t in references]
+        if split == "test":
+            keep = [i for i, ok in enumerate(has_ref) if ok]
+            if len(keep) < len(ds):
+                log(f"data: test: {len(ds) - len(keep)} of {len(ds)} rows have no reference and are left out")
+            if keep:
+                out[split] = ds.select(keep) if len(keep) < len(ds) else ds
+            continue
+        need = [i for i in range(len(ds)) if split == "train" or not has_ref[i]]
+        outputs = {i: teacher_output(sources[i]) for i in need}
+        missing = [i for i in need if outputs[i] is None]
+        if missing:
+            raise UserError(f"{len(missing)} of {len(ds)} {split} rows have no teacher output in {where} "
+                            f"(first: {sources[missing[0]][:60]!r}); make the pseudo-labels from this data "
+                            "(same dataset and --dataset-input-column, all the rows this run uses)")
+        empty = sum(1 for i in need if not outputs[i].strip())
+        if split == "train" and target_source == "teacher":
+            pairs = [(sources[i], outputs[i]) for i in need]
+        elif split == "train":  # mixed
+            pairs = [(s, t) for s, t in zip(sources, references)]
+            pairs += [(sources[i], outputs[i]) for i in need if outputs[i] != references[i]]
+            log(f"data: train: {len(ds)} rows with their reference + {len(pairs) - len(ds)} with the "
+                f"teacher's output ({len(ds) - (len(pairs) - len(ds))} equal to the reference, kept once)")
+        else:
+            pairs = [(s, t if ok else outputs[i]) for i, (s, t, ok) in enumerate(zip(sources, references, has_ref))]
+            if need:
+                log(f"data: {split}: {len(need)} of {len(ds)} rows have no reference; the teacher's output is used")
+        kept = [(s, t) for s, t in pairs if t.strip()]
+        if empty:
+            log(f"data: {split}: dropped {len(pairs) - len(kept)} rows whose teacher output is empty")
+        if not kept:
+            raise UserError(f"every teacher output for the {split} rows in {where} is empty; make the "
+                            "pseudo-labels again with a larger --max-new-tokens or another teacher")
+        out[split] = Dataset.from_dict({"source": [s for s, _ in kept], "target": [t for _, t in kept]},
+                                       features=ds.features)
+    if target_source == "teacher":
+        log(f"data: train: {len(out['train'])} rows with the teacher's outputs as targets (from {where})")
+    return DatasetDict(out)
 
 
 # ----------------------------------------------------------------------------- tokenize, collate

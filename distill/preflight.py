@@ -8,8 +8,8 @@ once, in one process, before it starts the ranks:
     WORLD_SIZE=N python -m distill.preflight TRAINING OPTIONS...
 
 exits 0 when the options pass, else prints one `error: ...` line and exits 2. The checks that
-need the libraries (a hub teacher, columns, shapes, the device's precisions) run later, in
-train.prepare, before anything is written.
+need the libraries (a hub teacher, columns, shapes, the device's precisions, whether the
+pseudo-labels come from this teacher) run later, in train.prepare, before anything is written.
 """
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ def check(cfg: DistillConfig, world_size: int) -> None:
     models.local_folder(cfg.custom_tokenizer_local_path, "tokenizer", "--custom-tokenizer-local-path")
     if not is_unset(cfg.dataset_local_path):
         check_local_path(os.path.expanduser(str(cfg.dataset_local_path)))
+    if cfg.target_source != "reference":  # the teacher and tokenizer are compared in train.prepare
+        from distill.pseudo_label_files import check_for_training
+
+        check_for_training(os.path.expanduser(str(cfg.pseudo_labels)), source_prefix=cfg.source_prefix,
+                           max_source_length=cfg.max_source_length)
     distributed.check_ds_configs(cfg, world_size)
     distributed.resolve_grad_accum(cfg, world_size)
 

@@ -55,15 +55,35 @@ def prepare(cfg: DistillConfig, log):
                                         num_decoder_layers=cfg.num_decoder_layers,
                                         hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size)
     models.check_vocab(tokenizer, teacher_config, student_cfg, cfg.alpha)
+    teacher_outputs = _pseudo_labels(cfg, source, tokenizer) if cfg.target_source != "reference" else None
+    # --target-source teacher trains on the teacher's outputs: the data may be inputs only.
     raw = data.load_raw_splits(cfg.dataset, cfg.dataset_local_path, cfg.input_column, cfg.target_column,
                                validation_ratio=cfg.validation_ratio, seed=cfg.seed,
-                               trust_remote_code=cfg.trust_remote_code, log=log)
+                               trust_remote_code=cfg.trust_remote_code,
+                               require_target=cfg.target_source != "teacher", log=log)
     raw["train"] = _take(raw["train"], cfg.max_train_samples)
     raw["validation"] = _take(raw["validation"], cfg.max_eval_samples)
+    if teacher_outputs is not None:
+        raw = data.apply_pseudo_labels(raw, teacher_outputs.get, cfg.target_source,
+                                       f"--pseudo-labels {cfg.pseudo_labels}", log=log)
     tokenized = data.tokenize_splits(raw, tokenizer, max_source_length=cfg.max_source_length,
                                      max_target_length=cfg.max_target_length,
                                      source_prefix=cfg.source_prefix, log=log)
     return source, tokenizer, teacher_config, raw, tokenized
+
+
+def _pseudo_labels(cfg: DistillConfig, teacher_source: str, tokenizer):
+    """The teacher's outputs from --pseudo-labels, once they are shown to come from this run's
+    teacher (config and weights) and tokenizer; preflight checked the manifest's input settings."""
+    from distill import pseudo_label_files as files
+
+    folder = os.path.expanduser(str(cfg.pseudo_labels))
+    manifest = files.check_for_training(folder, source_prefix=cfg.source_prefix,
+                                        max_source_length=cfg.max_source_length)
+    files.check_teacher(folder, manifest, teacher=teacher_source,
+                        teacher_sha256=files.teacher_fingerprint(teacher_source)["sha256"],
+                        tokenizer_sha256=files.tokenizer_fingerprint(tokenizer))
+    return files.TeacherOutputs(folder, manifest)
 
 
 def loaders(cfg, tokenized, tokenizer, rank, world_size, grad_accum):
