@@ -101,7 +101,9 @@ def _check_folder(path: str, role: str) -> None:
 
 
 def _size_on_disk(path: str) -> int | None:
-    """Bytes of weight files in the model's folder (a Hub id: its local cache snapshot)."""
+    """Bytes of the weight files the model loads from: those at the top of its folder (a Hub id:
+    its local cache snapshot). Subfolders are not the model: a training run's checkpoints/ live
+    there."""
     if not os.path.isdir(path):
         try:
             from huggingface_hub import snapshot_download
@@ -109,11 +111,8 @@ def _size_on_disk(path: str) -> int | None:
             path = snapshot_download(path, local_files_only=True)
         except Exception:  # not cached as a snapshot: report no size rather than guess
             return None
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files
-                     if f.endswith(WEIGHT_SUFFIXES))
-    return total
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if f.endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(path, f)))
 
 
 def _predict(entry, sources, *, prefix, max_source_length, max_new_tokens, batch_size, device):

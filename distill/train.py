@@ -148,6 +148,15 @@ def run(cfg: DistillConfig, lib=None) -> int:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     if rank == 0 and lib is not None:  # the input is valid: from here on the run writes files
         lib.attach_file(os.path.join(cfg.output_dir, LIBRARY_LOG))
+    if rank == 0 and cfg.overwrite_output_dir and not (cfg.resume or cfg.resume_from):
+        # A fresh run replaces the folder's run: an earlier run's checkpoints would otherwise be
+        # taken by a later --resume as this run's.
+        old = checkpoint.checkpoints_dir(cfg.output_dir)
+        if os.path.isdir(old):
+            import shutil
+
+            shutil.rmtree(old)
+            log(f"--overwrite-output-dir: removed the earlier run's checkpoints in {old}")
 
     resume_path = cfg.resume_from or (checkpoint.latest_checkpoint(cfg.output_dir) if cfg.resume else None)
     if cfg.resume and resume_path is None:
@@ -186,6 +195,7 @@ def run(cfg: DistillConfig, lib=None) -> int:
     metrics = {
         "steps": result["step"], "samples_seen": result["counters"]["samples"],
         "tokens_seen": result["counters"]["tokens"], "bad_steps": result["counters"]["bad_steps"],
+        "batches": result.get("batches"),  # micro-batches per rank by targets: dataset, on_policy, seq_kd
         "train_seconds": result.get("train_seconds"), "train_tokens_per_s": result.get("train_tokens_per_s"),
         "final_eval": final_eval, "history": result["history"], "world_size": world_size,
         "precision": distiller.prec, "optimizer": distiller.optimizer_name,

@@ -318,3 +318,12 @@ def test_out_of_memory_becomes_user_error(models, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="smaller --batch-size"):
         run_report(teacher, [student], TEXTS[:2], TEXTS[:2], str(tmp_path / "o"), **FAST)
     assert not (tmp_path / "o").exists()
+
+
+def test_size_on_disk_counts_the_model_not_its_checkpoints(tmp_path):
+    from distill.evaluate import _size_on_disk
+
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "checkpoints" / "step-000001").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000001" / "mp_rank_00_model_states.pt").write_bytes(b"y" * 5000)
+    assert _size_on_disk(str(tmp_path)) == 1000

@@ -285,3 +285,13 @@ def test_precisions_and_offload_config(workspace, tmp_path, extra, expect):
     assert rc == 0
     metrics, _ = _check_output(out)
     assert expect in (metrics["precision"], metrics["optimizer"].rsplit(".", 1)[-1])
+
+
+def test_overwrite_removes_an_earlier_runs_checkpoints(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    stale = out / "checkpoints" / "step-000099"
+    stale.mkdir(parents=True)
+    (stale / "COMPLETE").write_text("")
+    assert main(_argv(workspace, str(out), "--overwrite-output-dir")) == 0
+    assert not (out / "checkpoints").exists()  # a later --resume cannot take the old run's state
+    assert "removed the earlier run's checkpoints" in capsys.readouterr().out
