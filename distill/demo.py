@@ -15,15 +15,15 @@ from distill.demo_task import make_task
 # Every model is trained by distill.train.train, the engine users run: the teacher from random
 # weights on the labels (alpha=1), the students from the teacher. How these sizes were chosen,
 # with the measurements behind them: README.md, "The demo".
-TASK_VERSION = 1  # bump when the generator changes, so cached teachers are not reused
+TASK_VERSION = 2  # bump when the generator changes, so cached teachers are not reused
 TOKENIZER_VOCAB = 800
 TEACHER_SHAPE = dict(d_model=128, encoder_layers=2, decoder_layers=6, heads=4, ffn=512)
 STUDENT_LAYERS = (2, 1)  # encoder, decoder: one decoder layer is what buys greedy speed
 MAX_LEN = 64
-FULL = dict(n_train=28800, n_validation=200, n_test=500, teacher_steps=900, student_steps=500,
+FULL = dict(n_train=28800, n_validation=200, n_test=500, noise=0.3, teacher_steps=900, student_steps=500,
             batch=32, teacher_lr=1e-3, student_lr=2e-3, alpha=0.5, temperature=1.0,
             report_samples=500, speed_repeats=3)
-SMOKE = dict(n_train=480, n_validation=32, n_test=32, teacher_steps=30, student_steps=20,
+SMOKE = dict(n_train=480, n_validation=32, n_test=32, noise=0.3, teacher_steps=30, student_steps=20,
              batch=16, teacher_lr=1e-3, student_lr=2e-3, alpha=0.5, temperature=1.0,
              report_samples=32, speed_repeats=1)
 TARGETS = dict(teacher_exact_match=90.0, speedup=2.0, quality_retention=0.95)
@@ -65,11 +65,14 @@ def write_teacher_recipe(task_dir: str, out_dir: str) -> str:
 
 
 def _train(init_dir: str, task_dir: str, out_dir: str, layers: tuple[int, int], *, alpha: float,
-           student_init: str, steps: int, lr: float, rows: int, sizes: dict, seed: int) -> None:
+           student_init: str, steps: int, lr: float, rows: int, sizes: dict, seed: int,
+           **options) -> None:
+    """One training run through the engine users run; `options` are further DistillConfig
+    fields (a method's divergence, pseudo-labels, ...)."""
     from distill.config import DistillConfig
     from distill.train import train
 
-    cfg = DistillConfig(
+    fields = dict(
         model_type="bart", teacher_local_path=init_dir, student_init=student_init,
         num_encoder_layers=layers[0], num_decoder_layers=layers[1],
         dataset_local_path=task_dir, output_dir=out_dir, overwrite_output_dir=True,
@@ -77,6 +80,8 @@ def _train(init_dir: str, task_dir: str, out_dir: str, layers: tuple[int, int], 
         max_target_length=MAX_LEN, max_steps=steps, per_device_batch_size=sizes["batch"],
         max_train_samples=rows, learning_rate=lr, warmup_ratio=0.05, seed=seed,
         max_eval_samples=sizes["n_validation"], skip_report=True)
+    fields.update(options)
+    cfg = DistillConfig(**fields)
     code = train(cfg)
     if code != 0:  # interrupted: the trainer has printed why
         raise _StageFailed(code)
@@ -90,7 +95,8 @@ def _teacher_key(sizes: dict, seed: int) -> str:
     import hashlib
 
     # Only what the teacher depends on: the task (version, seed, split sizes) and its training.
-    teacher_sizes = {k: sizes[k] for k in ("n_train", "n_validation", "teacher_steps", "batch", "teacher_lr")}
+    teacher_sizes = {k: sizes[k] for k in ("n_train", "n_validation", "noise", "teacher_steps", "batch",
+                                           "teacher_lr")}
     recipe = json.dumps([TASK_VERSION, TOKENIZER_VOCAB, TEACHER_SHAPE, MAX_LEN, teacher_sizes, seed],
                         sort_keys=True)
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
@@ -142,6 +148,11 @@ def build_parser():
                    help="CE-only student's start: random (a small model trained without a teacher) "
                         "or the teacher's copied layers (isolates what the KD loss adds)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes for CI (minutes, targets not expected)")
+    p.add_argument("--compare", action="store_true",
+                   help="instead of the default pair: every distillation method and the CE-only "
+                        "baseline from the teacher's layers, over several seeds (distill/demo_compare.py)")
+    p.add_argument("--methods", default=None, help="with --compare: comma list (default: all)")
+    p.add_argument("--seeds", default=None, help="with --compare: comma list of training seeds (default 0,1,2)")
     return p
 
 
@@ -187,7 +198,7 @@ def main(argv=None) -> int:
         stage(1, "generating the text-normalisation task")
         task_dir = os.path.join(out, "task")
         make_task(task_dir, seed=args.seed, n_train=sizes["n_train"],
-                  n_validation=sizes["n_validation"], n_test=sizes["n_test"])
+                  n_validation=sizes["n_validation"], n_test=sizes["n_test"], noise=sizes["noise"])
         with open(os.path.join(task_dir, "test.jsonl"), encoding="utf-8") as f:
             test = [json.loads(line) for line in f][: sizes["report_samples"]]
         print(f"e.g. {test[0]['source']!r} -> {test[0]['target']!r}", flush=True)
@@ -196,10 +207,23 @@ def main(argv=None) -> int:
         teacher = args.teacher_local_path or get_teacher(
             task_dir, cache_dir, sizes, args.seed, args.force_retrain_teacher)
 
-        stage(3, f"distilling a {STUDENT_LAYERS[0]}+{STUDENT_LAYERS[1]}-layer student "
-                 f"(alpha={sizes['alpha']}, T={sizes['temperature']})")
         budget = dict(steps=sizes["student_steps"], lr=sizes["student_lr"], sizes=sizes, seed=args.seed,
                       rows=sizes["student_steps"] * sizes["batch"])  # one pass: no row tokenized in vain
+        if args.compare:
+            from distill import demo_compare
+
+            methods, seeds = demo_compare.parse_methods(args.methods), demo_compare.parse_seeds(args.seeds)
+            stage(3, f"comparing {', '.join(methods)} over seeds {seeds}")
+            result = demo_compare.run_compare(
+                _train, teacher, task_dir, out, test, layers=STUDENT_LAYERS,
+                budget={k: v for k, v in budget.items() if k != "seed"}, methods=methods, seeds=seeds,
+                max_len=MAX_LEN)
+            print("\n" + demo_compare.format_compare(result))
+            print(f"\nfinished in {time.time() - start:.0f}s; table in {os.path.join(out, 'compare.md')}")
+            return 0
+
+        stage(3, f"distilling a {STUDENT_LAYERS[0]}+{STUDENT_LAYERS[1]}-layer student "
+                 f"(alpha={sizes['alpha']}, T={sizes['temperature']})")
         distilled = os.path.join(out, "student-distilled")
         _train(teacher, task_dir, distilled, STUDENT_LAYERS, alpha=sizes["alpha"],
                student_init="teacher", **budget)

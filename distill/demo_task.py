@@ -167,36 +167,96 @@ _TEMPLATES = [
 _SLOT_NAMES = sorted(_SLOTS)
 
 
-def make_example(rng: random.Random) -> dict:
-    """One sentence and its spoken form, drawn from `rng`."""
+def _draw(rng: random.Random) -> tuple[str, dict[str, tuple[str, str]]]:
+    """A template and its slots' (written, spoken) values, drawn from `rng`."""
     template = rng.choice(_TEMPLATES)
     values = {}
     for name in _SLOT_NAMES:  # a fixed order keeps the draw sequence independent of dict order
         if "{" + name + "}" in template:
             values[name] = _SLOTS[name](rng)
+    return template, values
+
+
+def make_example(rng: random.Random) -> dict:
+    """One sentence and its spoken form, drawn from `rng`."""
+    template, values = _draw(rng)
     source = template.format(**{k: v[0] for k, v in values.items()})
     target = template.format(**{k: v[1] for k, v in values.items()})
     return {"source": source, "target": target}
 
 
+# ---- noisy references ---------------------------------------------------------------------------
+# Real references are inconsistent: annotators leave a figure unnormalised, write another valid
+# form, or slip on a word. A noisy reference differs from the clean one in one slot, in one of:
+NOISE_KINDS = ("unnormalised", "no_and", "slip")
+_NUMBER_WORDS = _ONES[1:] + _TENS[2:] + ["hundred", "thousand"]
+
+
+def _no_and(spoken: str) -> str | None:
+    """The American form without "and" ("one hundred and five" -> "one hundred five"), if any."""
+    out = spoken.replace(" hundred and ", " hundred ").replace(" thousand and ", " thousand ")
+    return out if out != spoken else None
+
+
+def _slip(spoken: str, rng: random.Random) -> str | None:
+    """One number word replaced by another ("seventeen" -> "seventy"), if the slot has one."""
+    words = spoken.replace("-", " - ").split(" ")
+    spots = [i for i, w in enumerate(words) if w in _NUMBER_WORDS]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    words[i] = rng.choice([w for w in _NUMBER_WORDS if w != words[i]])
+    return " ".join(words).replace(" - ", "-")
+
+
+def noisy_target(source_row: dict, rng: random.Random) -> dict:
+    """The row with one slot of its reference corrupted (see NOISE_KINDS); `source_row` must come
+    from make_noisable_example."""
+    template, values = source_row["_template"], dict(source_row["_values"])
+    name = rng.choice(sorted(values))
+    written, spoken = values[name]
+    options = {"unnormalised": written, "no_and": _no_and(spoken), "slip": _slip(spoken, rng)}
+    kind = rng.choice([k for k in NOISE_KINDS if options[k] is not None])
+    values[name] = (written, options[kind])
+    return {"source": source_row["source"], "target": template.format(**{k: v[1] for k, v in values.items()}),
+            "noise": kind}
+
+
+def make_noisable_example(rng: random.Random) -> dict:
+    """make_example plus what noisy_target needs (keys starting with _ are not written)."""
+    template, values = _draw(rng)
+    return {"source": template.format(**{k: v[0] for k, v in values.items()}),
+            "target": template.format(**{k: v[1] for k, v in values.items()}),
+            "_template": template, "_values": values}
+
+
 def make_task(out_dir: str, *, seed: int = 0, n_train: int = 20000, n_validation: int = 200,
-              n_test: int = 500) -> dict:
+              n_test: int = 500, noise: float = 0.0) -> dict:
     """Write train/validation/test.jsonl ({"source", "target"} per line) to `out_dir`.
 
     Deterministic from `seed`. No source sentence appears twice in or across the splits, so the
-    test split measures generalisation, not recall. Returns {split: path}.
+    test split measures generalisation, not recall. With `noise` > 0 that share of the train and
+    validation references is corrupted in one slot (noisy_target; drawn from a second random
+    stream, so the sources and the clean references are the same as without noise); test
+    references stay clean: the test measures the task, not the annotators. Returns {split: path}.
     """
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"noise {noise} is outside [0, 1)")
     rng = random.Random(seed)
+    noise_rng = random.Random(f"noise-{seed}")
     seen: set[str] = set()
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for split, n in (("train", n_train), ("validation", n_validation), ("test", n_test)):
         rows = []
         while len(rows) < n:
-            ex = make_example(rng)
-            if ex["source"] not in seen:
-                seen.add(ex["source"])
-                rows.append(ex)
+            ex = make_noisable_example(rng)
+            if ex["source"] in seen:
+                continue
+            seen.add(ex["source"])
+            if split != "test" and noise_rng.random() < noise:
+                ex = noisy_target(ex, noise_rng)
+            rows.append({"source": ex["source"], "target": ex["target"]})
         paths[split] = os.path.join(out_dir, f"{split}.jsonl")
         with open(paths[split], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

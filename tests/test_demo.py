@@ -178,3 +178,49 @@ def test_smoke_end_to_end(tmp_path):
     card = (out / "student-ce-only" / "README.md").read_text()
     assert "labels only" in card and "Distilled" not in card
     assert "Distilled" in (out / "student-distilled" / "README.md").read_text()
+
+
+def test_noise_corrupts_that_share_of_train_references_in_one_slot_and_leaves_test_clean(tmp_path):
+    clean = demo_task.make_task(str(tmp_path / "clean"), seed=5, n_train=600, n_validation=60, n_test=60)
+    noisy = demo_task.make_task(str(tmp_path / "noisy"), seed=5, n_train=600, n_validation=60, n_test=60,
+                                noise=0.3)
+    with open(clean["test"], "rb") as a, open(noisy["test"], "rb") as b:
+        assert a.read() == b.read()  # the test measures the task, not the annotators
+    a, b = read(clean["train"]), read(noisy["train"])
+    assert [r["source"] for r in a] == [r["source"] for r in b]
+    changed = [(x["target"], y["target"]) for x, y in zip(a, b) if x["target"] != y["target"]]
+    assert 0.22 * len(a) < len(changed) < 0.38 * len(a)
+    kinds = set()
+    for ref, bad in changed:
+        if re.search(r"\d", bad):
+            kinds.add("unnormalised")
+        elif any(bad.split() == ref.split()[:i] + ref.split()[i + 1:]
+                 for i, w in enumerate(ref.split()) if w == "and" and i and ref.split()[i - 1] in ("hundred", "thousand")):
+            kinds.add("no_and")
+        else:
+            kinds.add("slip")
+            # one word differs (a hyphenated number counts as its parts)
+            diff = [p for p, q in zip(ref.replace("-", " ").split(), bad.replace("-", " ").split()) if p != q]
+            assert len(diff) == 1, (ref, bad)
+    assert kinds == set(demo_task.NOISE_KINDS)
+    with pytest.raises(ValueError, match="noise"):
+        demo_task.make_task(str(tmp_path / "x"), noise=1.0)
+
+
+def test_compare_summary_means_spreads_and_gains():
+    from distill import demo_compare
+
+    runs = {"teacher": 98.0, "ce-seed0": 90.0, "ce-seed1": 91.0, "ce-seed2": 89.0,
+            "kd-seed0": 95.0, "kd-seed1": 94.0, "kd-seed2": 96.0}
+    result = demo_compare.summarize(runs, ["ce", "kd"], [0, 1, 2])
+    ce, kd = result["methods"]["ce"], result["methods"]["kd"]
+    assert (ce["mean"], ce["spread"], kd["mean"], kd["spread"]) == (90.0, 2.0, 95.0, 2.0)
+    assert kd["gain_over_ce"] == 5.0 and kd["gain_exceeds_spread"]  # 5 > 2 + 2
+    close = demo_compare.summarize(dict(runs, **{"kd-seed0": 91.0, "kd-seed1": 92.0, "kd-seed2": 93.0}),
+                                   ["ce", "kd"], [0, 1, 2])
+    assert not close["methods"]["kd"]["gain_exceeds_spread"]  # +2 is within the spreads
+    table = demo_compare.format_compare(result)
+    assert "+5.0 (beyond spread)" in table and "96.9%" in table  # 95 / 98
+    with pytest.raises(Exception, match="unknown method"):
+        demo_compare.parse_methods("ce,magic")
+    assert demo_compare.parse_seeds("3, 4") == [3, 4]
