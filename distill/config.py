@@ -90,6 +90,18 @@ class DistillConfig:
                              "(Hinton et al. 2015).")
     loss_impl: str = opt("fused", "Loss implementation: fused (student logits never materialised), "
                          "chunked (chunked KL on full logits), naive (plain torch).", choices=LOSS_IMPLS)
+    # --- on-policy distillation (GKD) ----------------------------------------------------------
+    on_policy_ratio: float = opt(0.0, "Probability that a training micro-batch's targets are sampled "
+                                 "from the current student (on-policy distillation, GKD's lambda); on "
+                                 "them the loss is the divergence to the teacher only, no CE.")
+    seq_kd_ratio: float = opt(0.0, "Probability that a training micro-batch's targets are sampled from "
+                              "the teacher during training (sequence-level KD); divergence only, as "
+                              "above. --on-policy-ratio + --seq-kd-ratio must be <= 1; the rest of the "
+                              "micro-batches use the dataset's targets.")
+    on_policy_temperature: float = opt(1.0, "Sampling temperature for the generated targets of "
+                                       "--on-policy-ratio and --seq-kd-ratio.")
+    on_policy_max_new_tokens: Optional[int] = opt(None, "Most tokens a generated target may have. "
+                                                  "Default: --max-target-length.")
     # --- optimisation ------------------------------------------------------------------------
     num_train_epochs: float = opt(3.0, "Epochs over the training data (ignored when --max-steps > 0).")
     max_steps: int = opt(-1, "Total optimizer steps; > 0 overrides --num-train-epochs.")
@@ -185,6 +197,26 @@ class DistillConfig:
                             "use it; pass --target-source teacher or mixed, or drop --pseudo-labels")
         if self.teacher_zero_stage not in (None, 0, 3):
             raise UserError(f"--teacher-zero-stage {self.teacher_zero_stage} is not supported; use 0 or 3")
+        self._check_on_policy()
+
+    def _check_on_policy(self):
+        for name in ("on_policy_ratio", "seq_kd_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"--{name.replace('_', '-')} {value} is outside [0, 1]; use e.g. "
+                                f"--{name.replace('_', '-')} 0.5 (the share of micro-batches with generated targets)")
+        if self.on_policy_ratio + self.seq_kd_ratio > 1.0 + 1e-9:
+            raise UserError(f"--on-policy-ratio {self.on_policy_ratio} + --seq-kd-ratio {self.seq_kd_ratio} "
+                            "is more than 1; lower one so that they sum to at most 1 (the rest use the dataset's targets)")
+        if self.alpha >= 1.0 and (self.on_policy_ratio > 0 or self.seq_kd_ratio > 0):
+            flag = "--on-policy-ratio" if self.on_policy_ratio > 0 else "--seq-kd-ratio"
+            raise UserError(f"{flag} needs the teacher, but --alpha 1 trains on labels only and never runs "
+                            f"it; use --alpha below 1 (e.g. 0.5) or drop {flag}")
+        if not self.on_policy_temperature > 0:
+            raise UserError(f"--on-policy-temperature {self.on_policy_temperature} must be > 0; use e.g. "
+                            "--on-policy-temperature 1")
+        if self.on_policy_max_new_tokens is not None and self.on_policy_max_new_tokens < 1:
+            raise UserError(f"--on-policy-max-new-tokens {self.on_policy_max_new_tokens} must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
