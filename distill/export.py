@@ -58,14 +58,25 @@ def model_card(cfg, info: dict[str, Any], metrics: dict[str, Any]) -> str:
     data = cfg.dataset_local_path or cfg.dataset
     last = next((h for h in reversed(metrics.get("history", [])) if "loss" in h), {})
     ev = metrics.get("final_eval", {})
-    distilled = cfg.alpha < 1.0
-    nan = float("nan")
+    target_source = getattr(cfg, "target_source", "reference")
+    soft = cfg.alpha < 1.0  # the teacher's distributions enter the loss
+    distilled = soft or target_source != "reference"  # or its outputs are the targets
+
+    def num(value):  # a figure the run did not log (e.g. CE when every micro-batch was generated)
+        return "-" if value is None or value != value else f"{value:.4f}"
     init = info.get("init", "?")
+    targets = {"reference": "the dataset's references", "teacher": "the teacher's outputs "
+               "(sequence-level KD)", "mixed": "the references and the teacher's outputs"}[target_source]
     if distilled:
         title = f"# Distilled {cfg.model_type} student"
         origin = f"Distilled with seq2seq-distill from teacher `{teacher}` on `{data}`"
-        objective = (f"Objective: {cfg.alpha} * CE + {1 - cfg.alpha:g} * T^2 * KL(teacher || student), "
-                     f"T = {cfg.temperature}, loss implementation `{cfg.loss_impl}`.")
+        divergence = getattr(cfg, "divergence", "forward_kl")
+        objective = (f"Objective: {cfg.alpha} * CE + {1 - cfg.alpha:g} * T^2 * {divergence}(teacher, student), "
+                     f"T = {cfg.temperature}, loss implementation `{cfg.loss_impl}`; targets: {targets}"
+                     + (f"; {cfg.on_policy_ratio:g} of the micro-batches on the student's own samples"
+                        if getattr(cfg, "on_policy_ratio", 0) else "")
+                     + (f"; {cfg.seq_kd_ratio:g} on the teacher's samples"
+                        if getattr(cfg, "seq_kd_ratio", 0) else "") + ".")
     else:
         # alpha = 1: the teacher never ran; it only lent its config (and its layers if copied).
         title = f"# {cfg.model_type} model trained on labels only"
@@ -89,10 +100,10 @@ def model_card(cfg, info: dict[str, Any], metrics: dict[str, Any]) -> str:
         objective, "",
         f"Training: {metrics.get('steps', 0)} steps, {metrics.get('samples_seen', 0):,} samples, "
         f"{metrics.get('tokens_seen', 0):,} target tokens, learning rate {cfg.learning_rate}, seed {cfg.seed}.", "",
-        (f"Final train loss {last.get('loss', nan):.4f} (CE {last.get('ce', nan):.4f}, "
-         f"KL {last.get('kl', nan):.4f}); validation loss {ev.get('eval_loss', nan):.4f} "
-         f"(CE {ev.get('eval_ce', nan):.4f}, KL {ev.get('eval_kl', nan):.4f})." if distilled else
-         f"Final train loss (CE) {last.get('loss', nan):.4f}; validation loss {ev.get('eval_loss', nan):.4f}."), "",
+        (f"Final train loss {num(last.get('loss'))} (CE {num(last.get('ce'))}, "
+         f"KL {num(last.get('kl'))}); validation loss {num(ev.get('eval_loss'))} "
+         f"(CE {num(ev.get('eval_ce'))}, KL {num(ev.get('eval_kl'))})." if soft else
+         f"Final train loss (CE) {num(last.get('loss'))}; validation loss {num(ev.get('eval_loss'))}."), "",
         "```python", "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
         "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForSeq2SeqLM.from_pretrained(PATH)", "```", "",
         "`distill_config.json` holds every option of the run; `metrics.json` the losses and throughput.",

@@ -295,3 +295,24 @@ def test_overwrite_removes_an_earlier_runs_checkpoints(workspace, tmp_path, caps
     assert main(_argv(workspace, str(out), "--overwrite-output-dir")) == 0
     assert not (out / "checkpoints").exists()  # a later --resume cannot take the old run's state
     assert "removed the earlier run's checkpoints" in capsys.readouterr().out
+
+
+def test_model_card_says_how_the_student_learned_from_the_teacher():
+    from types import SimpleNamespace
+
+    from distill.export import model_card
+
+    base = dict(teacher_local_path="/t", teacher=None, dataset_local_path="/d", dataset=None, input_column="s",
+                target_column="t", model_type="bart", temperature=1.0, loss_impl="fused", learning_rate=1e-3,
+                seed=0, on_policy_ratio=0.0, seq_kd_ratio=0.0, divergence="forward_kl")
+    info = {"init": "teacher"}
+    metrics = {"history": [{"step": 1, "loss": 0.5}], "final_eval": {"eval_loss": 0.4}}
+    seq_kd = model_card(SimpleNamespace(**base, alpha=1.0, target_source="teacher"), info, metrics)
+    assert "# Distilled" in seq_kd and "the teacher's outputs (sequence-level KD)" in seq_kd
+    assert "no teacher signal" not in seq_kd and "Final train loss (CE) 0.5000" in seq_kd
+    labels = model_card(SimpleNamespace(**base, alpha=1.0, target_source="reference"), info, metrics)
+    assert "trained on labels only" in labels and "Distilled" not in labels
+    gkd = model_card(SimpleNamespace(**dict(base, on_policy_ratio=0.5), alpha=0.5, target_source="reference"),
+                     info, metrics)
+    assert "0.5 of the micro-batches on the student's own samples" in gkd
+    assert "(CE -, KL -)" in gkd and "nan" not in gkd  # figures the run did not log: "-", never nan
