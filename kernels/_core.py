@@ -4,11 +4,20 @@ Everything here works on one block of rows (tokens) at a time, in float32, writi
 buffers the caller owns, so that a loop over chunks allocates nothing per step. Notation per
 row: s = student logits, t = teacher logits, T = temperature,
     p = softmax(t / T)  (teacher),  q = softmax(s / T)  (student),  r = softmax(s)  (for CE),
-    KL(p || q) = sum_v p_v (t_v - s_v) / T + lse(s / T) - lse(t / T)
-    d(T^2 KL)/ds = T (q - p)          d CE/ds = r - onehot(label)
-The T^2 factor keeps the soft-target gradient's scale independent of T (Hinton et al. 2015).
+and D, the divergence (`divergence`, as TRL's GKDTrainer.generalized_jsd_loss defines them):
+    forward_kl  D = KL(p || q) = sum_v p_v (t_v - s_v) / T + lse(s / T) - lse(t / T)
+                dD/d(s/T) = q - p
+    reverse_kl  D = KL(q || p) = sum_v q_v (s_v - t_v) / T + lse(t / T) - lse(s / T)
+                dD/d(s/T)_j = q_j (a_j - D),  a = log q - log p
+    jsd         D = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+                dD/d(s/T)_j = (1 - beta) q_j (b_j - sum_v q_v b_v),  b = log q - log m
+                (the terms from dm/ds cancel, since sum_v dm_v = 0)
+The loss term is T^2 D, so d(T^2 D)/ds = T dD/d(s/T); d CE/ds = r - onehot(label). The T^2
+factor keeps the soft-target gradient's scale independent of T (Hinton et al. 2015).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,6 +29,30 @@ CHUNK_BYTES = 16 * 2**20
 # tokens x 50265 that is 8 chunks of 512 rows). The README ("The loss kernels") has the
 # measurements behind this size.
 FUSED_CHUNK_BYTES = 100 * 2**20
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+# the divergence as the native and Triton row steps take it
+DIVERGENCE_CODE = {name: i for i, name in enumerate(DIVERGENCES)}
+
+
+def check_divergence(divergence: str, beta: float) -> tuple[str, float]:
+    """Validate (divergence, beta) -> the divergence the row steps compute, and beta as a float.
+
+    beta must be in [0, 1] whatever the divergence (it is only used by "jsd"). As in TRL's
+    generalized_jsd_loss, "jsd" with beta == 0 is the forward KL and with beta == 1 the reverse
+    KL (the mixture formula would give 0 there)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+    try:
+        b = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}") from None
+    if not 0.0 <= b <= 1.0:  # also refuses NaN
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if divergence == "jsd" and b in (0.0, 1.0):
+        return ("forward_kl" if b == 0.0 else "reverse_kl"), b
+    return divergence, b
 
 
 def default_chunk_size(vocab: int, rows: int) -> int:
@@ -65,13 +98,15 @@ def flatten_rows(x: torch.Tensor, name: str, last: int | None = None) -> torch.T
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def chunk_step(s, t, u, inv_t, labels=None, row_ce=None, row_kl=None):
-    """Per-row CE and KL for one chunk; leaves the unnormalised softmaxes in the buffers.
+def chunk_step(s, t, u, inv_t, labels=None, divergence="forward_kl", beta=0.5, w=None):
+    """Per-row CE and divergence for one chunk; leaves in the buffers what chunk_grad needs.
 
-    s, t, u: float32 (r, V) blocks; s holds student logits, t teacher logits, u is scratch.
-    labels: (r, 1) int64 with ignored positions already replaced by a valid index, or None
-    (no CE wanted). Returns a dict of (r, 1) float32 tensors: "kl" (per-row KL), "ce" (when
-    labels given), and the normalisers the gradient needs. Afterwards:
+    s, t, u: float32 (r, V) blocks; s holds student logits, t teacher logits, u is scratch; w is
+    a fourth scratch block, used by "jsd" only (allocated here when not given). labels: (r, 1)
+    int64 with ignored positions already replaced by a valid index, or None (no CE wanted).
+    divergence, beta: as check_divergence returns them. Returns a dict of (r, 1) float32
+    tensors: "kl" (per-row divergence D, without T^2), "ce" (when labels given), and what the
+    gradient needs. For the forward KL, afterwards:
       u = exp((t - max t) / T)                        (teacher, unnormalised; sum "z_t")
       q-buffer = exp((s - max s) / T)                  (student at T;     sum "z_q")
       s = exp(s - max s)  when a separate CE softmax is needed (T != 1; sum "z_1")
@@ -79,55 +114,138 @@ def chunk_step(s, t, u, inv_t, labels=None, row_ce=None, row_kl=None):
     """
     m_s = s.amax(1, keepdim=True)
     m_t = t.amax(1, keepdim=True)
-    out = {}
+    out = {"div": divergence}
     if labels is not None:
         out["s_lab"] = s.gather(1, labels)
-    # Teacher: u = exp((t - m_t) / T), the max-shift keeps +-1e4 logits finite.
-    torch.sub(t, m_t, out=u)
-    if inv_t != 1.0:
-        u.mul_(inv_t)
-    u.exp_()
-    z_t = u.sum(1, keepdim=True)
-    # sum_v p_v (t_v - s_v) / T, in t (no longer needed): in place, it allocates nothing.
-    cross = t.sub_(s).mul_(u).sum(1, keepdim=True).mul_(inv_t).div_(z_t)
-    one_exp = inv_t == 1.0 or labels is None
-    q = s if one_exp else t
-    if one_exp:
-        s.sub_(m_s)
-        if inv_t != 1.0:
-            s.mul_(inv_t)
-        s.exp_()
+    if divergence == "jsd":
+        lse_q = _jsd_step(s, t, u, w if w is not None else torch.empty_like(s), inv_t, labels, beta,
+                          m_s, m_t, out)
     else:
-        torch.sub(s, m_s, out=t).mul_(inv_t).exp_()
-    z_q = q.sum(1, keepdim=True)
-    lse_q = m_s * inv_t + z_q.log()
-    out["kl"] = cross + lse_q - (m_t * inv_t + z_t.log())
-    out.update(z_t=z_t, z_q=z_q, q=q)
+        step = _reverse_step if divergence == "reverse_kl" else _forward_step
+        lse_q = step(s, t, u, inv_t, labels, m_s, m_t, out)
     if labels is not None:
-        if one_exp:
-            out["z_1"], lse_1 = z_q, lse_q
+        if inv_t == 1.0:
+            out["z_1"], lse_1 = out["z_q"], lse_q
         else:
-            s.sub_(m_s).exp_()
-            out["z_1"] = s.sum(1, keepdim=True)
+            # the steps leave exp(s - max s) (the separate T = 1 softmax) in s, or its sum
+            if "z_1" not in out:
+                out["z_1"] = s.sum(1, keepdim=True)
             lse_1 = m_s + out["z_1"].log()
         out["ce"] = lse_1 - out.pop("s_lab")
     return out
 
 
+def _exp_shifted(x, m, inv_t, out):
+    """out = exp((x - m) * inv_t); out may be x."""
+    torch.sub(x, m, out=out)
+    if inv_t != 1.0:
+        out.mul_(inv_t)
+    return out.exp_()
+
+
+def _forward_step(s, t, u, inv_t, labels, m_s, m_t, out):
+    # Teacher: u = exp((t - m_t) / T), the max-shift keeps +-1e4 logits finite.
+    _exp_shifted(t, m_t, inv_t, u)
+    z_t = u.sum(1, keepdim=True)
+    # sum_v p_v (t_v - s_v) / T, in t (no longer needed): in place, it allocates nothing.
+    # u keeps the teacher's numerator for chunk_grad.
+    cross = t.sub_(s).mul_(u).sum(1, keepdim=True).mul_(inv_t).div_(z_t)
+    one_exp = inv_t == 1.0 or labels is None
+    q = s if one_exp else t
+    _exp_shifted(s, m_s, inv_t, q)
+    if not one_exp:
+        s.sub_(m_s).exp_()  # the T = 1 softmax numerator, for CE
+    z_q = q.sum(1, keepdim=True)
+    lse_q = m_s * inv_t + z_q.log()
+    out["kl"] = cross + lse_q - (m_t * inv_t + z_t.log())
+    out.update(z_t=z_t, z_q=z_q, q=q)
+    return lse_q
+
+
+def _reverse_step(s, t, u, inv_t, labels, m_s, m_t, out):
+    # With d = s - t: log q - log p = d / T - lse(s / T) + lse(t / T), so
+    # D = E_q[d] / T - lse(s / T) + lse(t / T) and a_j - D = (d_j - E_q[d]) / T.
+    z_t = _exp_shifted(t, m_t, inv_t, u).sum(1, keepdim=True)
+    t.sub_(s)  # t = -d, kept for the gradient
+    out["sep_ce"] = labels is not None and inv_t != 1.0
+    if not out["sep_ce"]:
+        q = _exp_shifted(s, m_s, inv_t, s)  # one exponential serves q and (T == 1) the CE
+        neg_d_sum = torch.mul(q, t, out=u).sum(1, keepdim=True)
+    else:
+        # q in s, the CE's exp(s - max s) in u; q's exponential is taken twice so that u can
+        # hold the products q (-d) before
+        neg_d_sum = _exp_shifted(s, m_s, inv_t, u).mul_(t).sum(1, keepdim=True)
+        out["z_1"] = torch.sub(s, m_s, out=u).exp_().sum(1, keepdim=True)
+        q = _exp_shifted(s, m_s, inv_t, s)
+    z_q = q.sum(1, keepdim=True)
+    neg_mean_d = neg_d_sum / z_q  # E_q[t - s]
+    lse_q = m_s * inv_t + z_q.log()
+    out["kl"] = -inv_t * neg_mean_d - lse_q + (m_t * inv_t + z_t.log())
+    out.update(z_q=z_q, q=q, neg_d=t, neg_mean_d=neg_mean_d, inv_t=inv_t)
+    return lse_q
+
+
+def _jsd_step(s, t, u, w, inv_t, labels, beta, m_s, m_t, out):
+    # With delta = log(beta p) - log((1 - beta) q), taken from t - s in one rounding:
+    #   log(p / m) = -log beta - softplus(-delta),  b = log(q / m) = -log(1 - beta) - softplus(delta),
+    # and b - E_q[b] = E_q[sp] - sp with sp = softplus(delta), small where a token carries most
+    # of q, so the gradient keeps its precision. softplus(x) = logaddexp(x, 0), without overflow.
+    log_b, log_1b = math.log(beta), math.log1p(-beta)
+    z_t = _exp_shifted(t, m_t, inv_t, u).sum(1, keepdim=True)
+    z_q = _exp_shifted(s, m_s, inv_t, u).sum(1, keepdim=True)
+    lz_t, lz_q = z_t.log(), z_q.log()
+    zero = u.new_zeros(())
+    torch.sub(t, s, out=u).mul_(inv_t).add_((m_s - m_t) * inv_t + lz_q - lz_t + (log_b - log_1b))  # u = delta
+    torch.logaddexp(u.neg_(), zero, out=w).neg_().sub_(log_b)  # w = log(p / m)
+    u.neg_()
+    d_p = _exp_shifted(t, m_t, inv_t, t).div_(z_t).mul_(w).sum(1, keepdim=True)  # KL(p || m)
+    torch.logaddexp(u, zero, out=w)                             # w = sp
+    q = _exp_shifted(s, m_s, inv_t, u).div_(z_q)                # u = q
+    mean_sp = torch.mul(q, w, out=t).sum(1, keepdim=True)       # E_q[sp]
+    d_q = -log_1b * q.sum(1, keepdim=True) - mean_sp            # KL(q || m)
+    out["kl"] = beta * d_p + (1.0 - beta) * d_q
+    w.sub_(mean_sp).mul_(q).mul_(beta - 1.0)                    # w = (1 - beta) q (b - E_q[b])
+    out["sep_ce"] = labels is not None and inv_t != 1.0
+    if out["sep_ce"]:
+        s.sub_(m_s).exp_()  # the T = 1 softmax numerator, for CE
+    out.update(z_q=z_q, q=q, g_div=w)
+    return m_s * inv_t + lz_q
+
+
 def chunk_grad(s, u, st, maskf, c_ce, c_kl, labels=None):
     """Turn the buffers left by chunk_step into d loss / d s, written into s (in place).
 
-    G = c_ce * (r - onehot) + c_kl * (q - p) on unmasked rows, 0 on masked ones, where
+    G = c_ce * (r - onehot) + c_kl * dD/d(s/T) on unmasked rows, 0 on masked ones, where
     c_ce = alpha / n and c_kl = (1 - alpha) * T / n (chunked_kl_div: c_ce = 0, c_kl = T / n).
     """
-    q, z_q, z_t = st["q"], st["z_q"], st["z_t"]
     kl_coef = maskf * c_kl
-    if q is s:
-        s.mul_((maskf * c_ce + kl_coef) / z_q)
+    div = st["div"]
+    if div == "forward_kl":
+        q, z_q, z_t = st["q"], st["z_q"], st["z_t"]
+        if q is s:
+            s.mul_((maskf * c_ce + kl_coef) / z_q)
+        else:
+            s.mul_(maskf * c_ce / st["z_1"])
+            s.addcmul_(q, kl_coef / z_q)
+        s.addcmul_(u, -kl_coef / z_t)
+    elif div == "reverse_kl":
+        # dD/d(s/T) = q (d - E_q[d]) / T = q (E_q[-d] - (-d)) / T
+        z_q, h = st["z_q"], st["neg_d"]  # q is in s
+        h.sub_(st["neg_mean_d"]).mul_(-kl_coef * st["inv_t"] / z_q)  # h = kl_coef (d - E_q[d]) / (T z_q)
+        if st["sep_ce"]:
+            s.mul_(h).addcmul_(u, maskf * c_ce / st["z_1"])  # u = exp(s - max s)
+        else:
+            s.mul_(h.add_(maskf * c_ce / z_q))  # T == 1: r = q
     else:
-        s.mul_(maskf * c_ce / st["z_1"])
-        s.addcmul_(q, kl_coef / z_q)
-    s.addcmul_(u, -kl_coef / z_t)
+        g_div = st["g_div"]
+        if st["sep_ce"]:          # separate T = 1 softmax in s
+            s.mul_(maskf * c_ce / st["z_1"])
+            s.addcmul_(g_div, kl_coef)
+        elif labels is not None:  # T == 1: r = q
+            torch.mul(st["q"], maskf * c_ce, out=s)
+            s.addcmul_(g_div, kl_coef)
+        else:
+            torch.mul(g_div, kl_coef, out=s)
     if labels is not None and c_ce != 0.0:
         s.scatter_add_(1, labels, maskf * -c_ce)
     return s

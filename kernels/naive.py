@@ -8,10 +8,12 @@ fused_linear_distill_loss.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ._core import check_temperature
+from ._core import check_divergence, check_temperature
 
 
 def _masked_mean(per_token, mask):
@@ -19,25 +21,38 @@ def _masked_mean(per_token, mask):
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
 
-def _kl_per_token(student_logits, teacher_logits, temperature):
-    # kl_div(input, target) computes target * (log target - input), i.e. KL(target || input):
-    # the teacher is the target, so this is KL(teacher || student).
+def _kl(log_target, log_input):
+    # kl_div(input, target) computes target * (log target - input), i.e. KL(target || input).
+    return F.kl_div(log_input, log_target, reduction="none", log_target=True).sum(-1)
+
+
+def _divergence_per_token(student_logits, teacher_logits, temperature, divergence, beta):
+    """D per token at temperature T (no T^2), as TRL's GKDTrainer.generalized_jsd_loss defines
+    it: forward_kl = KL(teacher || student), reverse_kl = KL(student || teacher), jsd =
+    beta KL(teacher || m) + (1 - beta) KL(student || m) with m = beta teacher + (1 - beta) student."""
+    divergence, beta = check_divergence(divergence, beta)
     s = F.log_softmax(student_logits / temperature, dim=-1)
     t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
+    if divergence == "forward_kl":
+        return _kl(t, s)
+    if divergence == "reverse_kl":
+        return _kl(s, t)
+    m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
+    return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
 
 
 def naive_kl_div(student_logits, teacher_logits, labels=None, *, temperature=1.0,
-                 ignore_index=-100, chunk_size=None):
-    """Reference for chunked_kl_div (chunk_size is accepted and ignored). Math in float32
-    for lower-precision inputs, float64 stays float64."""
+                 ignore_index=-100, chunk_size=None, divergence="forward_kl", beta=0.5):
+    """Reference for chunked_kl_div (chunk_size is accepted and ignored): T^2 * the mean over
+    unmasked tokens of the divergence. Math in float32 for lower-precision inputs, float64
+    stays float64."""
     temperature = check_temperature(temperature)
     dt = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.reshape(-1, student_logits.shape[-1]).to(dt)
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).to(dt)
     mask = (torch.ones(s.shape[0], device=s.device, dtype=dt) if labels is None
             else (labels.reshape(-1) != ignore_index).to(dt))
-    return temperature**2 * _masked_mean(_kl_per_token(s, t, temperature), mask)
+    return temperature**2 * _masked_mean(_divergence_per_token(s, t, temperature, divergence, beta), mask)
 
 
 def masked_cross_entropy(student_logits, labels, *, ignore_index=-100):
@@ -52,16 +67,21 @@ def masked_cross_entropy(student_logits, labels, *, ignore_index=-100):
 
 
 def naive_logits_loss(student_logits, teacher_logits, labels, *, alpha=0.5, temperature=1.0,
-                      ignore_index=-100):
-    """alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student) on full logits.
+                      ignore_index=-100, divergence="forward_kl", beta=0.5):
+    """alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher, student) on full logits.
 
     student_logits and teacher_logits: (N, V) or (B, T, V); labels: (N,) or (B, T), ignore_index
     masks. The teacher gets no gradient; with alpha == 1 it may be None (kl is then 0). CE uses
-    the T = 1 student logits, KL softmax(./T) of both; both are means over unmasked tokens.
-    Returns (loss, ce, kl): ce and kl are detached float32 scalars, kl without the T^2 factor
-    (comparable across temperatures), which only loss applies.
+    the T = 1 student logits, D softmax(./T) of both; both are means over unmasked tokens.
+    divergence: "forward_kl" (KL(teacher || student), the default), "reverse_kl"
+    (KL(student || teacher)) or "jsd" (beta KL(teacher || m) + (1 - beta) KL(student || m),
+    m = beta teacher + (1 - beta) student; beta == 0 gives the forward and beta == 1 the reverse
+    KL, as in TRL's GKDTrainer.generalized_jsd_loss). beta in [0, 1].
+    Returns (loss, ce, kl): ce and kl are detached float32 scalars, kl the divergence without the
+    T^2 factor (comparable across temperatures), which only loss applies.
     """
     temperature = check_temperature(temperature)
+    check_divergence(divergence, beta)
     if teacher_logits is None and alpha != 1.0:
         raise ValueError(f"alpha={alpha} < 1 needs a teacher: pass the teacher's logits")
     dt = torch.promote_types(student_logits.dtype, torch.float32)
@@ -71,7 +91,7 @@ def naive_logits_loss(student_logits, teacher_logits, labels, *, alpha=0.5, temp
         kl = s.new_zeros(())
     else:
         t = teacher_logits.detach().reshape(-1, s.shape[-1]).to(dt)
-        kl = _masked_mean(_kl_per_token(s, t, temperature),
+        kl = _masked_mean(_divergence_per_token(s, t, temperature, divergence, beta),
                           (labels.reshape(-1) != ignore_index).to(dt))
     # T^2 keeps the soft term's gradient scale independent of T (Hinton et al. 2015).
     loss = alpha * ce + (1.0 - alpha) * temperature**2 * kl
@@ -81,7 +101,7 @@ def naive_logits_loss(student_logits, teacher_logits, labels, *, alpha=0.5, temp
 def naive_distill_loss(student_hidden, student_weight, labels, *, teacher_logits=None,
                        teacher_hidden=None, teacher_weight=None, student_bias=None,
                        teacher_bias=None, alpha=0.5, temperature=1.0, ignore_index=-100,
-                       chunk_size=None):
+                       chunk_size=None, divergence="forward_kl", beta=0.5):
     """Reference for fused_linear_distill_loss (chunk_size is accepted and ignored): the full
     logits of both lm_heads, then naive_logits_loss."""
     if teacher_logits is not None and teacher_hidden is not None:
@@ -91,4 +111,5 @@ def naive_distill_loss(student_hidden, student_weight, labels, *, teacher_logits
         with torch.no_grad():
             teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
     return naive_logits_loss(student_logits, teacher_logits, labels, alpha=alpha,
-                             temperature=temperature, ignore_index=ignore_index)
+                             temperature=temperature, ignore_index=ignore_index,
+                             divergence=divergence, beta=beta)
