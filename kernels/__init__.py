@@ -2,6 +2,8 @@
 
     chunked_kl_div(student_logits, teacher_logits, labels=None, *, temperature, ...)
     fused_linear_distill_loss(student_hidden, student_weight, labels, *, teacher_..., ...)
+        both with divergence="forward_kl" | "reverse_kl" | "jsd" and beta (jsd's weight), as
+        TRL's GKDTrainer.generalized_jsd_loss defines them (times T^2).
     naive_kl_div / naive_distill_loss: the plain-torch references with the same signatures.
     naive_logits_loss(student_logits, teacher_logits, labels, *, alpha, temperature, ...): the
         reference loss on full logits, the one the others are tested against;

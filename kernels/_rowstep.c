@@ -3,12 +3,21 @@
  * The eager torch path (kernels/_core.py: chunk_step + chunk_grad) makes ~20 full passes over
  * each (rows x vocab) float32 block; at vocab 50265 a block of 512 rows is 103 MB, far bigger
  * than any cache, so that path is memory-bound. Here each thread owns whole rows: pass 1 reads
- * a row of student and teacher logits from memory (row max), passes 2 and 3 find the row
+ * a row of student and teacher logits from memory (row max), the later passes find the row
  * (2 x 200 KB at V = 50265) in its L2 cache. Same math and the same notation as _core.py:
- *   p = softmax(t / T), q = softmax(s / T), r = softmax(s)
- *   kl = sum_v p_v (t_v - s_v) / T + lse(s / T) - lse(t / T)     ce = lse(s) - s[label]
- *   grad (written over s) = k1 * r + kq * q - kt * p, and -mask * c_ce at the label, with
- *   k1 = mask * c_ce, kq = kt = mask * c_kl (probabilities normalised by their row sums).
+ *   p = softmax(t / T), q = softmax(s / T), r = softmax(s)           ce = lse(s) - s[label]
+ * and kl, the divergence D, with its gradient (written over s; plus -mask * c_ce at the label;
+ * k1 = mask * c_ce, kq = mask * c_kl; probabilities normalised by their row sums):
+ *   forward_kl (div 0), three passes:
+ *     D = sum_v p_v (t_v - s_v) / T + lse(s / T) - lse(t / T)
+ *     grad = k1 * r + kq * (q - p)
+ *   reverse_kl (div 1), three passes; with d = s - t:
+ *     D = E_q[d] / T + lse(t / T) - lse(s / T)
+ *     grad = k1 * r + kq * q * (d - E_q[d]) / T
+ *   jsd (div 2), four passes (pass 3 needs the row sums of pass 2 for log p and log q):
+ *     m = beta p + (1 - beta) q, b = log q - log m
+ *     D = beta sum_v p_v (log p_v - log m_v) + (1 - beta) sum_v q_v b_v
+ *     grad = k1 * r + kq * (1 - beta) * q * (b - sum_v q_v b_v)
  * Plain C, no torch headers: it is built in about a second with the system compiler at first
  * use (kernels/native.py) and loaded with ctypes; ctypes releases the GIL, and the rows are
  * split over POSIX threads. Sums are taken in float over blocks of BLOCK elements (so the
@@ -45,6 +54,28 @@ static inline float exp_nonpos(float x) {
     return x < -87.3f ? 0.0f : y;
 }
 
+/* log(1 + e) for 0 <= e <= 1, vectorisable: Cephes' logf polynomial (relative error ~1e-7) on
+ * the reduced argument x, with 1 + e = 2^k (1 + x). Below sqrt 2, k = 0 and x = e exactly, so a
+ * tiny e keeps its precision (1 + e would round it away); above, k = 1 and x = (e - 1) / 2. */
+static inline float log1p_unit(float e) {
+    const float k = e > 0.41421356f ? 1.0f : 0.0f;
+    const float x = k != 0.0f ? (e - 1.0f) * 0.5f : e;
+    const float z = x * x;
+    float y = 7.0376836292e-2f;
+    y = y * x - 1.1514610310e-1f;
+    y = y * x + 1.1676998740e-1f;
+    y = y * x - 1.2420140846e-1f;
+    y = y * x + 1.4249322787e-1f;
+    y = y * x - 1.6668057665e-1f;
+    y = y * x + 2.0000714765e-1f;
+    y = y * x - 2.4999993993e-1f;
+    y = y * x + 3.3333331174e-1f;
+    y = y * x * z;
+    y += -2.12194440e-4f * k;
+    y += -0.5f * z;
+    return x + y + 0.693359375f * k;
+}
+
 static float row_max(const float *x, int64_t v) {
     float m = -INFINITY;
 #pragma omp simd reduction(max : m)
@@ -61,6 +92,8 @@ typedef struct {
     int64_t rows, vocab, ld;
     float inv_t, c_ce, c_kl;
     int want_grad;
+    int div;              /* 0 forward_kl, 1 reverse_kl, 2 jsd (used only with a teacher) */
+    double beta;          /* jsd's mixture weight, 0 < beta < 1 */
     int64_t row0, row1;   /* this thread's rows */
 } job_t;
 
@@ -100,6 +133,159 @@ static inline __attribute__((always_inline)) void pass2(float *s, float *t, floa
     }
 }
 
+/* Reverse KL, pass 2 over one row: like pass2, but keeps d = s - t in t (the gradient needs
+ * it) and sums e_q * d for E_q[d]. */
+static inline __attribute__((always_inline)) void pass2_rev(float *s, float *t, float *eq, int64_t V,
+                                                            float ms, float mt, float inv_t,
+                                                            const int sep_ce, double *zq,
+                                                            double *z1, double *zt, double *cross) {
+    for (int64_t k0 = 0; k0 < V; k0 += BLOCK) {
+        const int64_t k1 = k0 + BLOCK < V ? k0 + BLOCK : V;
+        float bq = 0, b1 = 0, bt = 0, bc = 0;
+#pragma omp simd reduction(+ : bq, b1, bt, bc)
+        for (int64_t k = k0; k < k1; k++) {
+            const float sv = s[k], tv = t[k];
+            const float a = sv - ms;
+            const float e_q = exp_nonpos(a * inv_t);
+            bq += e_q;
+            if (sep_ce) {
+                const float e_1 = exp_nonpos(a);
+                b1 += e_1;
+                s[k] = e_1;
+            }
+            eq[k] = e_q;
+            bt += exp_nonpos((tv - mt) * inv_t);
+            const float d = sv - tv;
+            bc += e_q * d;
+            t[k] = d;
+        }
+        *zq += bq; *z1 += b1; *zt += bt; *cross += bc;
+    }
+}
+
+static void rows_reverse(const job_t *J, float *scratch) {
+    const int64_t V = J->vocab;
+    const float inv_t = J->inv_t;
+    const int sep_ce = J->label != NULL && inv_t != 1.0f;
+    for (int64_t i = J->row0; i < J->row1; i++) {
+        float *s = J->s + i * J->ld;
+        float *t = J->t + i * J->ld;
+        const float ms = row_max(s, V);
+        const float mt = row_max(t, V);
+        const float s_lab = J->label ? s[J->label[i]] : 0.0f;
+        /* pass 2: sums; e_q in s (or scratch when CE needs exp(s - ms) in s), d in t */
+        double zq = 0, z1 = 0, zt = 0, cross = 0;
+        if (sep_ce) pass2_rev(s, t, scratch, V, ms, mt, inv_t, 1, &zq, &z1, &zt, &cross);
+        else pass2_rev(s, t, s, V, ms, mt, inv_t, 0, &zq, &z1, &zt, &cross);
+        if (!sep_ce) z1 = zq;
+        const double mean_d = cross / zq;
+        J->kl[i] = (float)(mean_d * inv_t + ((double)mt * inv_t + log(zt)) - ((double)ms * inv_t + log(zq)));
+        J->ce[i] = J->label ? (float)((double)ms + log(z1) - s_lab) : 0.0f;
+        if (!J->want_grad) continue;
+        /* pass 3: the gradient, over s */
+        const float mk = J->mask[i];
+        const float kq = (float)(mk * J->c_kl * inv_t / zq);
+        const float k1 = (float)(mk * J->c_ce / z1);
+        const float md = (float)mean_d;
+        if (sep_ce) {
+#pragma omp simd
+            for (int64_t k = 0; k < V; k++) s[k] = k1 * s[k] + kq * scratch[k] * (t[k] - md);
+        } else {
+#pragma omp simd
+            for (int64_t k = 0; k < V; k++) s[k] = s[k] * (k1 + kq * (t[k] - md));
+        }
+        if (J->label) s[J->label[i]] -= mk * J->c_ce;
+    }
+}
+
+/* JSD, pass 2 over one row: the row sums only (log p and log q need them before anything is
+ * stored); exp(s - ms) goes to scratch when CE needs its own softmax. */
+static inline __attribute__((always_inline)) void pass2_sums(const float *s, const float *t,
+                                                             float *scratch, int64_t V, float ms,
+                                                             float mt, float inv_t, const int sep_ce,
+                                                             double *zq, double *z1, double *zt) {
+    for (int64_t k0 = 0; k0 < V; k0 += BLOCK) {
+        const int64_t k1 = k0 + BLOCK < V ? k0 + BLOCK : V;
+        float bq = 0, b1 = 0, bt = 0;
+#pragma omp simd reduction(+ : bq, b1, bt)
+        for (int64_t k = k0; k < k1; k++) {
+            const float a = s[k] - ms;
+            bq += exp_nonpos(a * inv_t);
+            if (sep_ce) {
+                const float e_1 = exp_nonpos(a);
+                b1 += e_1;
+                scratch[k] = e_1;
+            }
+            bt += exp_nonpos((t[k] - mt) * inv_t);
+        }
+        *zq += bq; *z1 += b1; *zt += bt;
+    }
+}
+
+static void rows_jsd(const job_t *J, float *scratch) {
+    const int64_t V = J->vocab;
+    const float inv_t = J->inv_t;
+    const int sep_ce = J->label != NULL && inv_t != 1.0f;
+    const double beta = J->beta, lb = log(beta), l1b = log1p(-beta);
+    for (int64_t i = J->row0; i < J->row1; i++) {
+        float *s = J->s + i * J->ld;
+        float *t = J->t + i * J->ld;
+        const float ms = row_max(s, V);
+        const float mt = row_max(t, V);
+        const float s_lab = J->label ? s[J->label[i]] : 0.0f;
+        double zq = 0, z1 = 0, zt = 0;
+        if (sep_ce) pass2_sums(s, t, scratch, V, ms, mt, inv_t, 1, &zq, &z1, &zt);
+        else pass2_sums(s, t, scratch, V, ms, mt, inv_t, 0, &zq, &z1, &zt);
+        if (!sep_ce) z1 = zq;
+        const float lzq = (float)log(zq), lzt = (float)log(zt);
+        /* pass 3: with delta = log(beta p) - log((1 - beta) q), taken from t - s in one rounding,
+         * log(m / ((1 - beta) q)) = softplus(delta) and log(m / (beta p)) = softplus(-delta): small
+         * where a token carries most of q, so b - E_q[b] = E_q[sp] - sp keeps its precision.
+         * Both KL terms; q goes over s and softplus(delta) over t. */
+        const float c = (float)(((double)ms - mt) * inv_t + log(zq) - log(zt) + lb - l1b);
+        const float nlb = (float)-lb, nl1b = (float)-l1b;
+        double dp = 0, dq = 0, mean_sp = 0;
+        for (int64_t k0 = 0; k0 < V; k0 += BLOCK) {
+            const int64_t k1 = k0 + BLOCK < V ? k0 + BLOCK : V;
+            float bp = 0, bq = 0, bf = 0;
+#pragma omp simd reduction(+ : bp, bq, bf)
+            for (int64_t k = k0; k < k1; k++) {
+                const float sv = s[k], tv = t[k];
+                const float delta = (tv - sv) * inv_t + c;
+                const float l = log1p_unit(exp_nonpos(delta > 0 ? -delta : delta));
+                const float sp_pos = (delta > 0 ? delta : 0.0f) + l;
+                const float sp_neg = (delta > 0 ? 0.0f : -delta) + l;
+                const float q = exp_nonpos((sv - ms) * inv_t - lzq);
+                const float p = exp_nonpos((tv - mt) * inv_t - lzt);
+                bp += p * (nlb - sp_neg);
+                bq += q * (nl1b - sp_pos);
+                bf += q * sp_pos;
+                s[k] = q;
+                t[k] = sp_pos;
+            }
+            dp += bp; dq += bq; mean_sp += bf;
+        }
+        J->kl[i] = (float)(beta * dp + (1.0 - beta) * dq);
+        J->ce[i] = J->label ? (float)((double)ms + log(z1) - s_lab) : 0.0f;
+        if (!J->want_grad) continue;
+        /* pass 4: the gradient, over s: b - E_q[b] = E_q[sp] - sp */
+        const float mk = J->mask[i];
+        const float kq = (float)(mk * J->c_kl * (1.0 - beta));
+        const float mf = (float)mean_sp;
+        if (sep_ce) {
+            const float k1 = (float)(mk * J->c_ce / z1);
+#pragma omp simd
+            for (int64_t k = 0; k < V; k++) s[k] = k1 * scratch[k] + kq * s[k] * (mf - t[k]);
+        } else {
+            const float k1 = mk * J->c_ce; /* r = q, already normalised */
+#pragma omp simd
+            for (int64_t k = 0; k < V; k++) s[k] = s[k] * (k1 + kq * (mf - t[k]));
+        }
+        if (J->label) s[J->label[i]] -= mk * J->c_ce;
+    }
+}
+
+/* Forward KL (and no teacher at all). */
 static void do_rows(const job_t *J, float *scratch) {
     const int64_t V = J->vocab;
     const float inv_t = J->inv_t;
@@ -153,15 +339,18 @@ static void *worker(void *arg) {
         scratch = (float *)malloc(sizeof(float) * (size_t)J->vocab);
         if (!scratch) return (void *)1;
     }
-    do_rows(J, scratch);
+    if (J->t != NULL && J->div == 1) rows_reverse(J, scratch);
+    else if (J->t != NULL && J->div == 2) rows_jsd(J, scratch);
+    else do_rows(J, scratch);
     free(scratch);
     return NULL;
 }
 
-/* Returns 0 on success, nonzero when a thread or its scratch row could not be had. */
+/* div: 0 forward_kl, 1 reverse_kl, 2 jsd (with 0 < beta < 1). Returns 0 on success, nonzero
+ * when a thread or its scratch row could not be had. */
 int distill_rowstep(float *s, float *t, const int64_t *label, const float *mask, float *ce,
                     float *kl, int64_t rows, int64_t vocab, int64_t ld, float inv_t, float c_ce,
-                    float c_kl, int want_grad, int threads) {
+                    float c_kl, int want_grad, int div, double beta, int threads) {
     if (threads < 1) threads = 1;
     if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
     if (threads > 256) threads = 256;
@@ -170,7 +359,7 @@ int distill_rowstep(float *s, float *t, const int64_t *label, const float *mask,
     int started[256];
     int rc = 0;
     for (int w = 0; w < threads; w++) {
-        job_t J = {s, t, label, mask, ce, kl, rows, vocab, ld, inv_t, c_ce, c_kl, want_grad,
+        job_t J = {s, t, label, mask, ce, kl, rows, vocab, ld, inv_t, c_ce, c_kl, want_grad, div, beta,
                    rows * w / threads, rows * (w + 1) / threads};
         jobs[w] = J;
         started[w] = 0;

@@ -1,4 +1,4 @@
-"""fused_linear_distill_loss: lm_head matmul + CE + T^2 KL, one block of tokens at a time.
+"""fused_linear_distill_loss: lm_head matmul + CE + T^2 divergence, one block of tokens at a time.
 
 Neither the student's logits nor (when the teacher comes as hidden states) the teacher's ever
 exist for all tokens at once. Because the loss is a sum over tokens, each chunk's gradient
@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from . import rowsteps
-from ._core import check_temperature, chunk_grad, chunk_step, default_fused_chunk_size, flatten_rows
+from ._core import (check_divergence, check_temperature, chunk_grad, chunk_step, default_fused_chunk_size,
+                    flatten_rows)
 
 
 def _logits_into(dst, hidden, weight, bias):
@@ -32,7 +33,7 @@ def _logits_into(dst, hidden, weight, bias):
 class FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, teacher_logits, teacher_hidden, teacher_weight,
-                teacher_bias, alpha, temperature, ignore_index, chunk_size):
+                teacher_bias, alpha, temperature, ignore_index, chunk_size, divergence, beta):
         shape = hidden.shape
         h_all = flatten_rows(hidden, "student_hidden")
         n_rows, width = h_all.shape
@@ -45,7 +46,8 @@ class FusedLinearDistill(torch.autograd.Function):
         if lab.numel() != n_rows:
             raise ValueError(f"labels has {lab.numel()} positions, expected {n_rows} (one per token)")
         if teacher_logits is None and teacher_hidden is None:
-            t_all = None  # alpha == 1: labels only; the KL term is 0 (see below)
+            t_all = None  # alpha == 1: labels only; the divergence term is 0 (see below)
+            divergence = "forward_kl"  # no teacher, no divergence: the path that skips it
         elif teacher_logits is not None:
             t_all = flatten_rows(teacher_logits, "teacher_logits", vocab)
             if t_all.shape[0] != n_rows:
@@ -68,7 +70,7 @@ class FusedLinearDistill(torch.autograd.Function):
         n_valid = int(valid.sum().item())
         denom = max(n_valid, 1)
         c_ce = alpha / denom
-        c_kl = (1.0 - alpha) * temperature / denom  # d(T^2 KL)/ds = T (q - p)
+        c_kl = (1.0 - alpha) * temperature / denom  # d(T^2 D)/ds = T dD/d(s/T)
         inv_t = 1.0 / temperature
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_any = need_h or need_w or need_b
@@ -79,11 +81,13 @@ class FusedLinearDistill(torch.autograd.Function):
 
         dev = h_all.device
         f32 = dict(dtype=torch.float32, device=dev)
-        # A row step (kernels/rowsteps.py) needs two scratch blocks; the eager path a third.
+        # A row step (kernels/rowsteps.py) needs two scratch blocks; the eager path a third (a
+        # fourth for "jsd").
         fast = rowsteps.pick(dev)
         s_buf = torch.empty(chunk, vocab, **f32)
         t_buf = torch.empty(chunk, vocab, **f32) if t_all is not None or fast is None else None
         u_buf = torch.empty(chunk, vocab, **f32) if fast is None else None
+        w_buf = torch.empty(chunk, vocab, **f32) if fast is None and divergence == "jsd" else None
         grad_h = torch.empty_like(h_all) if need_h else None
         # grad weight/bias are summed over every chunk: one float32 buffer, addmm_ in place.
         grad_w = torch.zeros(weight.shape, **f32) if need_w else None
@@ -100,8 +104,8 @@ class FusedLinearDistill(torch.autograd.Function):
             _logits_into(s, h, weight, bias)
             if t_all is None:
                 # No teacher (alpha == 1): the eager path uses teacher := student, which makes
-                # KL exactly 0 and keeps one code path (its gradient weight c_kl is 0); the
-                # row steps simply skip the teacher.
+                # the forward KL exactly 0 and keeps one code path (its gradient weight c_kl is
+                # 0); the row steps simply skip the teacher.
                 if fast is None:
                     t.copy_(s)
             elif teacher_logits is not None:
@@ -110,12 +114,13 @@ class FusedLinearDistill(torch.autograd.Function):
                 _logits_into(t, t_all[i:j], teacher_weight, teacher_bias)
             m, lab_c = maskf[i:j], safe_lab[i:j]
             if fast is not None:
-                row_ce, row_kl = fast(s, t, lab_c, m, inv_t, c_ce, c_kl, need_any)
+                row_ce, row_kl = fast(s, t, lab_c, m, inv_t, c_ce, c_kl, need_any, divergence, beta)
                 ce_sum += (row_ce * m.view(-1)).sum()
                 kl_sum += (row_kl * m.view(-1)).sum()
                 g = s
             else:
-                st = chunk_step(s, t, u_buf[:r], inv_t, labels=lab_c)
+                st = chunk_step(s, t, u_buf[:r], inv_t, labels=lab_c, divergence=divergence, beta=beta,
+                                w=None if w_buf is None else w_buf[:r])
                 ce_sum += (st["ce"] * m).sum()
                 kl_sum += (st["kl"] * m).sum()
                 if need_any:
@@ -135,7 +140,7 @@ class FusedLinearDistill(torch.autograd.Function):
         kl = (kl_sum / denom).to(torch.float32)
         loss = (alpha * ce_sum + (1.0 - alpha) * temperature**2 * kl_sum) / denom
         loss = loss.to(torch.float32)
-        del s_buf, t_buf, u_buf
+        del s_buf, t_buf, u_buf, w_buf
         if grad_w is not None and not w_f32:
             grad_w = grad_w.to(weight.dtype)  # drop the float32 buffer before backward
         if grad_b is not None:
@@ -157,25 +162,32 @@ class FusedLinearDistill(torch.autograd.Function):
             grad_b = None if grad_b is None else grad_b * grad_loss.to(grad_b.dtype)
         if grad_h is not None:
             grad_h = grad_h.view(ctx.shape)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_distill_loss(student_hidden, student_weight, labels, *, teacher_logits=None,
                               teacher_hidden=None, teacher_weight=None, student_bias=None,
                               teacher_bias=None, alpha=0.5, temperature=1.0, ignore_index=-100,
-                              chunk_size=None):
-    """alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student), never materialising logits.
+                              chunk_size=None, divergence="forward_kl", beta=0.5):
+    """alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher, student), never materialising logits.
 
     student_hidden: (N, H) or (B, T, H); student_weight: (V, H) (the lm_head); student_bias:
     optional (V,) (BART's final_logits_bias). labels: (N,) or (B, T), ignore_index masks.
     The teacher is either teacher_logits (N, V) / (B, T, V) or teacher_hidden (N, H_t) with
     teacher_weight (V, H_t) and optional teacher_bias (V,); it never receives a gradient. With
     alpha == 1 the teacher may be omitted (labels only; kl is then 0).
-    CE uses the T = 1 student logits; KL uses softmax(./T) of both. Both are means over
+    divergence: D is "forward_kl" (KL(teacher || student), the default), "reverse_kl"
+    (KL(student || teacher)) or "jsd": beta KL(teacher || m) + (1 - beta) KL(student || m) with
+    m = beta teacher + (1 - beta) student, as TRL's GKDTrainer.generalized_jsd_loss defines it;
+    like TRL, "jsd" with beta == 0 is the forward KL and with beta == 1 the reverse KL. beta must
+    be in [0, 1] (it is only used by "jsd").
+    CE uses the T = 1 student logits; D uses softmax(./T) of both. Both are means over
     unmasked tokens (an all-masked batch gives 0 and zero gradients). Math in float32.
-    Returns (loss, ce, kl): loss carries the gradient; ce and kl are detached float32 scalars.
+    Returns (loss, ce, kl): loss carries the gradient; ce and kl are detached float32 scalars,
+    kl the divergence D without the T^2 factor.
     """
     temperature = check_temperature(temperature)
+    divergence, beta = check_divergence(divergence, beta)
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -189,4 +201,4 @@ def fused_linear_distill_loss(student_hidden, student_weight, labels, *, teacher
     teacher = [None if x is None else x.detach() for x in (teacher_logits, teacher_hidden,
                                                            teacher_weight, teacher_bias)]
     return FusedLinearDistill.apply(student_hidden, student_weight, student_bias, labels, *teacher,
-                                    alpha, temperature, ignore_index, chunk_size)
+                                    alpha, temperature, ignore_index, chunk_size, divergence, beta)

@@ -1,9 +1,10 @@
-"""chunked_kl_div: T^2 * KL(teacher || student) from logits, one block of tokens at a time.
+"""chunked_kl_div: T^2 * KL(teacher || student) (or another divergence) from logits, one block of
+tokens at a time.
 
 A plain `kl_div(log_softmax(s/T), log_softmax(t/T))` keeps three or four float32 (tokens x
 vocab) tensors alive through backward. Here the forward walks over row chunks with two
-float32 (chunk x vocab) scratch blocks (three on the eager path, see kernels/rowsteps.py)
-and, when the student logits need a gradient, writes
+float32 (chunk x vocab) scratch blocks (three on the eager path, four there for "jsd"; see
+kernels/rowsteps.py) and, when the student logits need a gradient, writes
 that gradient (in the logits' dtype) chunk by chunk during the forward pass: it is the only
 full-size tensor the loss allocates, and backward only scales it.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import rowsteps
-from ._core import check_temperature, chunk_grad, chunk_step, default_chunk_size, flatten_rows
+from ._core import check_divergence, check_temperature, chunk_grad, chunk_step, default_chunk_size, flatten_rows
 
 
 def _valid_mask(labels, n_rows, ignore_index, device):
@@ -26,7 +27,8 @@ def _valid_mask(labels, n_rows, ignore_index, device):
 
 class ChunkedKLDiv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, temperature, ignore_index, chunk_size):
+    def forward(ctx, student_logits, teacher_logits, labels, temperature, ignore_index, chunk_size, divergence,
+                beta):
         shape = student_logits.shape
         s_all = flatten_rows(student_logits, "student_logits")
         n_rows, vocab = s_all.shape
@@ -38,7 +40,7 @@ class ChunkedKLDiv(torch.autograd.Function):
         inv_t = 1.0 / temperature
         maskf = _valid_mask(labels, n_rows, ignore_index, s_all.device)
         n_valid = int(maskf.sum().item())
-        c_kl = temperature / max(n_valid, 1)  # d(T^2 KL_mean)/ds = T (q - p) / n
+        c_kl = temperature / max(n_valid, 1)  # d(T^2 D_mean)/ds = T dD/d(s/T) / n
         need_grad = ctx.needs_input_grad[0]
         chunk = int(chunk_size or default_chunk_size(vocab, n_rows))
         if chunk < 1:
@@ -53,6 +55,7 @@ class ChunkedKLDiv(torch.autograd.Function):
         t_buf = torch.empty(chunk, vocab, **f32)
         fast = rowsteps.pick(s_all.device)
         u_buf = torch.empty(chunk, vocab, **f32) if fast is None else None  # eager path only
+        w_buf = torch.empty(chunk, vocab, **f32) if fast is None and divergence == "jsd" else None
         total = torch.zeros((), dtype=torch.float64, device=s_all.device)
         for i in range(0, n_rows, chunk):
             j = min(i + chunk, n_rows)
@@ -62,11 +65,12 @@ class ChunkedKLDiv(torch.autograd.Function):
             s.copy_(s_all[i:j])
             t.copy_(t_all[i:j])
             if fast is not None:
-                _, row_kl = fast(s, t, None, maskf[i:j], inv_t, 0.0, c_kl, need_grad)
+                _, row_kl = fast(s, t, None, maskf[i:j], inv_t, 0.0, c_kl, need_grad, divergence, beta)
                 total += (row_kl * maskf[i:j].view(-1)).sum()
             else:
                 u = u_buf[:r]
-                st = chunk_step(s, t, u, inv_t)
+                st = chunk_step(s, t, u, inv_t, divergence=divergence, beta=beta,
+                                w=None if w_buf is None else w_buf[:r])
                 total += (st["kl"] * maskf[i:j]).sum()
                 if need_grad:
                     chunk_grad(s, u, st, maskf[i:j], 0.0, c_kl)
@@ -87,20 +91,26 @@ class ChunkedKLDiv(torch.autograd.Function):
         # retained graph can be differentiated twice.
         if grad_out.ne(1).item():
             grad = grad * grad_out.to(grad.dtype)
-        return grad.view(ctx.shape), None, None, None, None, None
+        return grad.view(ctx.shape), None, None, None, None, None, None, None
 
 
 def chunked_kl_div(student_logits, teacher_logits, labels=None, *, temperature=1.0,
-                   ignore_index=-100, chunk_size=None):
-    """T^2 * mean over unmasked tokens of KL(softmax(teacher/T) || softmax(student/T)).
+                   ignore_index=-100, chunk_size=None, divergence="forward_kl", beta=0.5):
+    """T^2 * mean over unmasked tokens of D(p, q), p = softmax(teacher/T), q = softmax(student/T).
 
     student_logits, teacher_logits: (N, V) or (B, T, V), any float dtype (they may differ).
     labels: optional (N,) or (B, T); positions equal to ignore_index are left out of the mean.
     Without labels every token counts. An all-masked batch gives 0 with a zero gradient.
     Math is in float32; the gradient flows to student_logits only. Returns a float32 scalar.
     chunk_size: rows per block (default: a few MB of float32 logits per block).
+    divergence: D is "forward_kl" (KL(p || q), the default), "reverse_kl" (KL(q || p)) or "jsd":
+    beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q, as TRL's
+    GKDTrainer.generalized_jsd_loss defines it (TRL has no T^2 factor); like TRL, "jsd" with
+    beta == 0 is the forward KL and with beta == 1 the reverse KL. beta must be in [0, 1].
     """
     temperature = check_temperature(temperature)
+    divergence, beta = check_divergence(divergence, beta)
     if teacher_logits.requires_grad:
         teacher_logits = teacher_logits.detach()  # never a gradient to the teacher
-    return ChunkedKLDiv.apply(student_logits, teacher_logits, labels, temperature, ignore_index, chunk_size)
+    return ChunkedKLDiv.apply(student_logits, teacher_logits, labels, temperature, ignore_index, chunk_size,
+                              divergence, beta)

@@ -1,9 +1,10 @@
 """The native CPU row step (kernels/_rowstep.c): built at first use, loaded with ctypes.
 
 One call does, for a float32 chunk of student (and teacher) logits, what chunk_step +
-chunk_grad do in ~20 eager torch passes: per-row CE, KL and the gradient written over the
-student block, in three passes per row that stay in the L2 cache (`python -m kernels.bench`
-compares it with the eager step: the row "same, eager torch chunk step").
+chunk_grad do in ~20 eager torch passes: per-row CE, divergence and the gradient written over
+the student block, in three passes per row (four for "jsd") of which all but the first find
+the row in the L2 cache (`python -m kernels.bench` compares it with the eager step: the row
+"same, eager torch chunk step").
 
 The source is plain C without torch headers, so building it takes about a second with the
 system C compiler (`$CC`, else `cc`). It is compiled with -march=native, so the cached library
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ._core import rowstep_io
+from ._core import DIVERGENCE_CODE, rowstep_io
 from .switches import env_flag
 
 log = logging.getLogger("kernels.native")
@@ -104,7 +105,8 @@ def _load():
         log.warning("native loss kernel unavailable (%s); using the eager torch path (same results, slower)", _reason)
         return
     P, I64, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, F, F, F, ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, F, F, F, ctypes.c_int, ctypes.c_int, ctypes.c_double,
+                   ctypes.c_int]
     fn.restype = ctypes.c_int
     _lib = fn
     _reason = "native"
@@ -131,16 +133,17 @@ def status() -> str:
     return "native" if _lib is not None else f"eager ({_reason})"
 
 
-def rowstep(fn, s, t, labels, maskf, inv_t, c_ce, c_kl, want_grad):
-    """Per-row ce and kl, (r,) float32, for the chunk s (and teacher t, or None). Overwrites t;
-    with want_grad writes d loss / d s over s. labels: (r,) int64 with ignored positions
-    already replaced by a valid index, or None (no CE). maskf: (r,) float32."""
+def rowstep(fn, s, t, labels, maskf, inv_t, c_ce, c_kl, want_grad, divergence="forward_kl", beta=0.5):
+    """Per-row ce and kl (the divergence D), (r,) float32, for the chunk s (and teacher t, or
+    None). Overwrites t; with want_grad writes d loss / d s over s. labels: (r,) int64 with
+    ignored positions already replaced by a valid index, or None (no CE). maskf: (r,) float32.
+    divergence, beta: as kernels._core.check_divergence returns them."""
     r, vocab = s.shape
     ce, kl, labels, maskf = rowstep_io(s, t, labels, maskf, "native")
     rc = fn(s.data_ptr(), None if t is None else t.data_ptr(),
             None if labels is None else labels.data_ptr(), maskf.data_ptr(), ce.data_ptr(),
             kl.data_ptr(), r, vocab, s.stride(0), float(inv_t), float(c_ce), float(c_kl),
-            1 if want_grad else 0, torch.get_num_threads())
+            1 if want_grad else 0, DIVERGENCE_CODE[divergence], float(beta), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("native rowstep: could not allocate a scratch row")
     return ce, kl

@@ -1,7 +1,7 @@
 """Which row step a chunk of the loss uses: native C (CPU), Triton (CUDA, opt-in) or eager torch.
 
-A row step turns a float32 chunk of student (and teacher) logits into per-row CE and KL and,
-when asked, the gradient over the student block. kernels/_core.py's chunk_step + chunk_grad
+A row step turns a float32 chunk of student (and teacher) logits into per-row CE and divergence
+(forward KL, reverse KL or JSD) and, when asked, the gradient over the student block. kernels/_core.py's chunk_step + chunk_grad
 (eager torch ops) is the reference and the fallback; pick() returns a faster equivalent or None.
 
   CPU   kernels/native.py (built at first use; off with SEQ2SEQ_DISTILL_NATIVE=0)
@@ -33,7 +33,8 @@ def _triton():
 
 
 def pick(device):
-    """A callable (s, t, labels, maskf, inv_t, c_ce, c_kl, want_grad) -> (ce, kl), or None."""
+    """A callable (s, t, labels, maskf, inv_t, c_ce, c_kl, want_grad, divergence="forward_kl",
+    beta=0.5) -> (ce, kl), or None."""
     if env_flag(TRITON_SWITCH) and (device.type == "cuda" or (device.type == "cpu" and env_flag("TRITON_INTERPRET"))):
         fn = _triton()
         if fn is not None:

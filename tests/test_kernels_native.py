@@ -25,9 +25,12 @@ def _blocks(seed, r=7, v=2053, scale=4.0):
     return s, t, lab, mask
 
 
+@pytest.mark.parametrize("divergence, beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)])
 @pytest.mark.parametrize("inv_t", [1.0, 0.5, 0.25])
 @pytest.mark.parametrize("with_labels, with_teacher", [(True, True), (False, True), (True, False)])
-def test_rowstep_matches_eager_chunk_step(inv_t, with_labels, with_teacher):
+def test_rowstep_matches_eager_chunk_step(inv_t, with_labels, with_teacher, divergence, beta):
+    if not with_teacher and divergence != "forward_kl":
+        pytest.skip("without a teacher there is no divergence (the losses pass forward_kl)")
     s, t, lab, mask = _blocks(int(inv_t * 8) + 2 * with_labels + with_teacher)
     labels = lab if with_labels else None
     c_ce, c_kl = (0.3, 0.7) if with_labels else (0.0, 0.7)
@@ -36,10 +39,10 @@ def test_rowstep_matches_eager_chunk_step(inv_t, with_labels, with_teacher):
     # eager reference: no teacher means teacher := student (KL 0), as the fused loss does
     s_e, t_e = s.clone(), (t if with_teacher else s).clone()
     u = torch.empty_like(s)
-    st = chunk_step(s_e, t_e, u, inv_t, labels=labels)
+    st = chunk_step(s_e, t_e, u, inv_t, labels=labels, divergence=divergence, beta=beta)
     g_e = chunk_grad(s_e, u, st, mask, c_ce, c_kl, labels=labels)
     s_n, t_n = s.clone(), t.clone() if with_teacher else None
-    ce, kl = native.rowstep(native.get(), s_n, t_n, labels, mask, inv_t, c_ce, c_kl, True)
+    ce, kl = native.rowstep(native.get(), s_n, t_n, labels, mask, inv_t, c_ce, c_kl, True, divergence, beta)
     assert torch.allclose(kl, st["kl"].view(-1), atol=2e-5, rtol=1e-5)
     if with_labels:
         assert torch.allclose(ce, st["ce"].view(-1), atol=2e-5, rtol=1e-5)
@@ -48,22 +51,24 @@ def test_rowstep_matches_eager_chunk_step(inv_t, with_labels, with_teacher):
     assert torch.all(s_n[mask.view(-1) == 0] == 0)
 
 
-def test_no_grad_gives_the_same_values():
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_no_grad_gives_the_same_values(divergence):
     s, t, lab, mask = _blocks(5)
     before = s.clone()
     s2 = s.clone()
-    ce, kl = native.rowstep(native.get(), s2, t.clone(), lab, mask, 0.5, 0.5, 0.5, False)
-    ce_g, kl_g = native.rowstep(native.get(), s.clone(), t.clone(), lab, mask, 0.5, 0.5, 0.5, True)
+    ce, kl = native.rowstep(native.get(), s2, t.clone(), lab, mask, 0.5, 0.5, 0.5, False, divergence)
+    ce_g, kl_g = native.rowstep(native.get(), s.clone(), t.clone(), lab, mask, 0.5, 0.5, 0.5, True, divergence)
     assert torch.equal(ce, ce_g) and torch.equal(kl, kl_g)
     assert not torch.equal(s2, before)  # overwritten with exponentials, not a gradient
     assert torch.isfinite(s2).all()
 
 
-def test_extreme_logits_stay_finite():
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_extreme_logits_stay_finite(divergence):
     s, t, lab, mask = _blocks(6, scale=1.0)
     s[:, ::3] = 1e4
     t[:, 1::3] = -1e4
-    ce, kl = native.rowstep(native.get(), s, t, lab, torch.ones_like(mask), 0.5, 0.5, 0.5, True)
+    ce, kl = native.rowstep(native.get(), s, t, lab, torch.ones_like(mask), 0.5, 0.5, 0.5, True, divergence)
     assert torch.isfinite(ce).all() and torch.isfinite(kl).all() and torch.isfinite(s).all()
 
 
@@ -162,7 +167,8 @@ def test_out_of_range_label_is_a_clear_error(bad):
         fused_linear_distill_loss(h, w, lab, alpha=1.0)
 
 
-def test_chunked_kl_native_equals_eager(monkeypatch):
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_chunked_kl_native_equals_eager(monkeypatch, divergence):
     g = torch.Generator().manual_seed(1)
     s = torch.randn(3, 5, 301, generator=g, requires_grad=True)
     t = torch.randn(3, 5, 301, generator=g)
@@ -170,7 +176,7 @@ def test_chunked_kl_native_equals_eager(monkeypatch):
     for sw in ("1", "0"):
         monkeypatch.setenv(native.ENV_SWITCH, sw)
         s.grad = None
-        loss = chunked_kl_div(s, t, temperature=2.0, chunk_size=4)
+        loss = chunked_kl_div(s, t, temperature=2.0, chunk_size=4, divergence=divergence, beta=0.3)
         loss.backward()
         out[sw] = (loss.detach(), s.grad.clone())
     assert torch.allclose(out["1"][0], out["0"][0], rtol=1e-6)
