@@ -1,10 +1,35 @@
 """Every kernel test runs three times: on the native CPU row step, on the eager torch path, and
 on the Triton row step under Triton's interpreter (the CUDA kernel's logic, run on the CPU)."""
 import importlib.util
+import os
+import sys
 
 import pytest
 
 from kernels import native, rowsteps
+
+
+def _import_triton_interpreted():
+    """Triton decides when triton.language is first imported whether its own jit functions
+    (tl.zeros, ...) run under the interpreter, and libraries import it early (torch.profiler
+    through dynamo; trl through transformers, at the collection of test_kernels_trl.py). So it
+    is imported here first, with TRITON_INTERPRET=1, before any test module: the Triton
+    backend's tests then interpret whatever imported triton before them. Nothing in these
+    CPU tests runs triton otherwise."""
+    if "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_import_triton_interpreted()
 
 
 @pytest.fixture(autouse=True, params=["native", "eager", "triton"])
