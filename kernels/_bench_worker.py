@@ -63,10 +63,16 @@ def floor_step(x, with_teacher):
     return step
 
 
-def build(row, case, x, liger_mode):
+def liger_beta(divergence, beta):
+    """The beta of Liger's generalised JSD that computes our `divergence`."""
+    return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(divergence, beta)
+
+
+def build(row, case, x, liger_mode, divergence="forward_kl", beta=0.5):
     """-> (step() running forward+backward and returning (loss, [grads]), note)."""
     h, w, th, tw, lab = x["h"], x["w"], x["th"], x["tw"], x["labels"]
-    kw = dict(alpha=ALPHA, temperature=TEMPERATURE)
+    div = dict(divergence=divergence, beta=beta)
+    kw = dict(alpha=ALPHA, temperature=TEMPERATURE, **div)
     if row in ("naive_kl", "chunked_kl", "fused_logits"):
         with torch.no_grad():
             t_logits = th @ tw.t()
@@ -77,7 +83,7 @@ def build(row, case, x, liger_mode):
 
         def step():
             s_logits.grad = None
-            loss = fn(s_logits, t_logits, lab, temperature=TEMPERATURE)
+            loss = fn(s_logits, t_logits, lab, temperature=TEMPERATURE, **div)
             loss.backward()
             return loss, [s_logits.grad]
         return step, ""
@@ -97,10 +103,12 @@ def build(row, case, x, liger_mode):
     elif row == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        # beta = 0 makes Liger's generalised JSD the forward KL(teacher || student); it has no
-        # T^2 factor, so that goes into the soft weight. Its CE uses T = 1 logits, like ours.
+        # Liger's beta follows TRL's: 0 makes its generalised JSD the forward KL(teacher ||
+        # student), 1 the reverse KL. It has no T^2 factor, so that goes into the soft weight.
+        # Its CE uses T = 1 logits, like ours.
         liger = LigerFusedLinearJSDLoss(weight_hard_loss=ALPHA, weight_soft_loss=(1 - ALPHA) * TEMPERATURE**2,
-                                        beta=0.0, temperature=TEMPERATURE, compiled=liger_mode == "compiled")
+                                        beta=liger_beta(divergence, beta), temperature=TEMPERATURE,
+                                        compiled=liger_mode == "compiled")
 
         def loss_fn():
             return liger(h, w, th, tw, lab)
@@ -143,7 +151,8 @@ def _run_row(spec):
     torch.set_num_threads(spec["threads"])
     x = make_inputs(case, device)
     try:
-        step, note = build(row, case, x, spec.get("liger", "compiled"))
+        step, note = build(row, case, x, spec.get("liger", "compiled"), spec.get("divergence", "forward_kl"),
+                           spec.get("beta", 0.5))
     except Exception as e:  # an optional competitor that cannot run here is a row, not a crash
         return {"row": row, "error": f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

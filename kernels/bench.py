@@ -1,10 +1,11 @@
 """Benchmark the distillation losses: python -m kernels.bench [--quick | --full] [--json].
 
-Rows per case: the naive torch loss (lm_head matmul + log_softmax + kl_div + CE), our fused
-loss with the teacher as hidden states and as logits, Liger-Kernel's LigerFusedLinearJSDLoss
-(beta=0, i.e. the same forward KL) when installed, and the KL alone from logits (naive_kl_div
-vs chunked_kl_div), plus the fused loss on the eager torch chunk step (the path used when the
-native row step is switched off or cannot be built). Columns: forward+backward time (median of
+Rows per case and divergence (--divergence forward_kl,reverse_kl,jsd; default forward_kl): the
+naive torch loss (lm_head matmul + log_softmax + divergence + CE), our fused loss with the
+teacher as hidden states and as logits, Liger-Kernel's LigerFusedLinearJSDLoss (with the beta
+that gives the same divergence: 0 for the forward KL) when installed, and the divergence alone
+from logits (naive_kl_div vs chunked_kl_div), plus the fused loss on the eager torch chunk step
+(the path used when the native row step is switched off or cannot be built). Columns: forward+backward time (median of
 --repeats after one warm-up; wall and process CPU time), its ratio to the naive baseline of the
 same run, its ratio to its own matmul floor (the bare full-size matmuls that loss must do, timed
 alternately with it in the same process: median of the per-pair ratios), the peak memory the
@@ -25,7 +26,8 @@ import tempfile
 import torch
 
 from . import rowsteps
-from ._bench_worker import run_row
+from ._bench_worker import liger_beta, run_row
+from ._core import DIVERGENCES
 
 # --quick runs the harness end to end on a toy case (256 tokens, vocab 1000): there the fixed cost
 # of each call (Python, dispatch, chunk set-up) outweighs the little matmul work, so the
@@ -66,13 +68,14 @@ def cases_from(args):
             _case(50265, 1024, 512, "bf16")]
 
 
-def run_case(case, args, tmp):
+def run_case(case, args, tmp, divergence="forward_kl"):
     results = {}
     for row in args.rows:
         ref_row = REF.get(row, row)
+        ref_name = "ref_{vocab}_{tokens}_{hidden}_{dtype}_".format(**case) + f"{divergence}_{ref_row}.pt"
         spec = dict(case=case, row=row, threads=args.threads, repeats=args.repeats, device=args.device,
-                    liger=args.liger, is_ref=row in ("naive", "naive_kl"),
-                    ref_path=os.path.join(tmp, "ref_{vocab}_{tokens}_{hidden}_{dtype}_".format(**case) + ref_row + ".pt"))
+                    liger=args.liger, is_ref=row in ("naive", "naive_kl"), divergence=divergence,
+                    beta=args.jsd_beta, ref_path=os.path.join(tmp, ref_name))
         if row == "liger" and args.liger == "off":
             results[row] = {"row": row, "error": "n/a: skipped (--liger off)"}
             continue
@@ -105,21 +108,29 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def print_table(case, results, out=None, note=None):
+def divergence_name(divergence, beta):
+    return f"jsd (beta {beta:g})" if divergence == "jsd" else divergence
+
+
+def print_table(case, results, out=None, note=None, divergence="forward_kl", beta=0.5):
     """One case's rows; `note` (e.g. QUICK_NOTE) is printed above and below the table."""
     out = out or sys.stdout
     print(f"\ncase: vocab={case['vocab']} tokens={case['tokens']} hidden={case['hidden']} "
-          f"(teacher {case['teacher_hidden']}) dtype={case['dtype']}", file=out)
+          f"(teacher {case['teacher_hidden']}) dtype={case['dtype']} divergence={divergence_name(divergence, beta)}",
+          file=out)
     if note:
         print(f"NOTE: {note}", file=out)
     head = f"{'row':44} {'time_s':>8} {'cpu_s':>8} {'x_naive':>8} {'x_floor':>8} {'peak_MB':>9} {'mem_x_naive':>11} {'max_abs_err':>11}"
     print(head, file=out)
     print("-" * len(head), file=out)
     for row, r in results.items():
+        label = LABEL[row]
+        if row == "liger" and divergence != "forward_kl":
+            label = f"Liger LigerFusedLinearJSDLoss beta={liger_beta(divergence, beta):g}"
         if "error" in r:
-            print(f"{LABEL[row]:44} {r['error']}", file=out)
+            print(f"{label:44} {r['error']}", file=out)
             continue
-        print(f"{LABEL[row]:44} {r['time_s']:8.3f} {r['cpu_s']:8.3f} {_fmt(r.get('time_x_naive'), '8.2f'):>8} "
+        print(f"{label:44} {r['time_s']:8.3f} {r['cpu_s']:8.3f} {_fmt(r.get('time_x_naive'), '8.2f'):>8} "
               f"{_fmt(r.get('time_x_floor'), '8.2f'):>8} {r['peak_mb']:9.1f} {_fmt(r.get('mem_x_naive'), '11.3f'):>11} "
               f"{_fmt(r.get('max_abs_err'), '11.2e'):>11}", file=out)
     if note:
@@ -130,7 +141,8 @@ def environment(args):
     return {"torch": torch.__version__, "threads": args.threads, "device": args.device,
             "row_step": rowsteps.describe(torch.device(args.device)),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults",
-            "alpha": 0.5, "temperature": 2.0, "repeats": args.repeats}
+            "alpha": 0.5, "temperature": 2.0, "divergences": args.divergence, "jsd_beta": args.jsd_beta,
+            "repeats": args.repeats}
 
 
 def main(argv=None) -> int:
@@ -144,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=ints, help="student hidden sizes: 512 (teacher 768), 1024 (teacher 1024)")
     p.add_argument("--dtype", type=lambda s: s.split(","), help="comma list of fp32,bf16,fp16")
     p.add_argument("--rows", type=lambda s: s.split(","), default=ROWS, help="comma list of " + ",".join(ROWS))
+    p.add_argument("--divergence", type=lambda s: s.split(","), default=["forward_kl"],
+                   help="comma list of " + ",".join(DIVERGENCES) + " (one table per case and divergence)")
+    p.add_argument("--jsd-beta", type=float, default=0.5, help="jsd's beta, in [0, 1] (default 0.5)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row after one warm-up (median)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -159,6 +174,11 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.rows) - set(ROWS))
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {','.join(ROWS)}")
+    unknown = sorted(set(args.divergence) - set(DIVERGENCES))
+    if unknown:
+        p.error(f"unknown divergences {unknown}; choose from {','.join(DIVERGENCES)}")
+    if not 0.0 <= args.jsd_beta <= 1.0:
+        p.error(f"--jsd-beta must be in [0, 1], got {args.jsd_beta}")
     env = environment(args)
     note = QUICK_NOTE if args.quick else None
     if not args.json:
@@ -172,11 +192,12 @@ def main(argv=None) -> int:
         doc["note"] = note
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases_from(args):
-            results = run_case(case, args, tmp)
-            doc["cases"].append({"case": case, "rows": list(results.values())})
-            if not args.json:
-                print_table(case, results, note=note)
-                sys.stdout.flush()
+            for divergence in args.divergence:
+                results = run_case(case, args, tmp, divergence)
+                doc["cases"].append({"case": case, "divergence": divergence, "rows": list(results.values())})
+                if not args.json:
+                    print_table(case, results, note=note, divergence=divergence, beta=args.jsd_beta)
+                    sys.stdout.flush()
     if args.json:
         print(json.dumps(doc, indent=1))
     return 0

@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from kernels import bench
 
 
@@ -26,6 +28,25 @@ def test_quick_bench_json(capsys, backend):
     # the eager row switched the native step off for itself only
     assert os.environ.get("SEQ2SEQ_DISTILL_NATIVE") == ("0" if backend == "eager" else None)
     assert os.environ.get("SEQ2SEQ_DISTILL_TRITON") == ("1" if backend == "triton" else None)
+
+
+def test_quick_bench_each_divergence(capsys):
+    argv = ["--quick", "--json", "--repeats", "1", "--liger", "off", "--rows", "naive,fused_hidden,naive_kl,chunked_kl",
+            "--divergence", "reverse_kl,jsd", "--jsd-beta", "0.3"]
+    assert bench.main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["environment"]["divergences"] == ["reverse_kl", "jsd"] and doc["environment"]["jsd_beta"] == 0.3
+    assert [c["divergence"] for c in doc["cases"]] == ["reverse_kl", "jsd"]
+    for case in doc["cases"]:
+        rows = {r["row"]: r for r in case["rows"]}
+        # each divergence is checked against the naive loss with that same divergence
+        assert rows["fused_hidden"]["max_abs_err"] < 1e-4 and rows["chunked_kl"]["max_abs_err"] < 1e-4
+
+
+def test_unknown_divergence_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--divergence", "kl"])
+    assert "unknown divergences ['kl']; choose from forward_kl,reverse_kl,jsd" in capsys.readouterr().err
 
 
 def test_quick_tables_say_their_ratios_mean_nothing(capsys, backend):
