@@ -18,6 +18,7 @@ from distill.errors import UserError
 
 MODEL_TYPES = ("bart", "mbart", "t5", "mt5")
 LOSS_IMPLS = ("fused", "chunked", "naive")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 STUDENT_INITS = ("teacher", "random")
 TARGET_SOURCES = ("reference", "teacher", "mixed")
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,6 +91,14 @@ class DistillConfig:
                              "(Hinton et al. 2015).")
     loss_impl: str = opt("fused", "Loss implementation: fused (student logits never materialised), "
                          "chunked (chunked KL on full logits), naive (plain torch).", choices=LOSS_IMPLS)
+    divergence: str = opt("forward_kl", "What the soft term measures between teacher and student "
+                          "distributions (at temperature T, times T^2): forward_kl = KL(teacher || "
+                          "student) (Hinton et al.), reverse_kl = KL(student || teacher) (mode-seeking), "
+                          "jsd = the generalized Jensen-Shannon divergence of GKD with --jsd-beta "
+                          "(TRL's GKDTrainer.generalized_jsd_loss).", choices=DIVERGENCES)
+    jsd_beta: float = opt(0.5, "beta of --divergence jsd: M = beta*teacher + (1-beta)*student, "
+                          "D = beta*KL(teacher || M) + (1-beta)*KL(student || M); 0 and 1 give the "
+                          "forward and reverse KL, as in TRL.")
     # --- on-policy distillation (GKD) ----------------------------------------------------------
     on_policy_ratio: float = opt(0.0, "Probability that a training micro-batch's targets are sampled "
                                  "from the current student (on-policy distillation, GKD's lambda); on "
@@ -161,6 +170,11 @@ class DistillConfig:
                             "(1 = labels only, 0 = teacher only)")
         if not self.temperature > 0:
             raise UserError(f"--temperature {self.temperature} must be > 0; use e.g. --temperature 2")
+        if self.divergence not in DIVERGENCES:
+            raise UserError(f"--divergence {self.divergence!r} is not one of {', '.join(DIVERGENCES)}")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise UserError(f"--jsd-beta {self.jsd_beta} is outside [0, 1]; use e.g. --jsd-beta 0.5 "
+                            "(0 = forward KL, 1 = reverse KL)")
         if self.bf16 and self.fp16:
             raise UserError("--bf16 and --fp16 are both on; pick one (bf16 is the safer choice on GPUs that have it)")
         for name in ("num_encoder_layers", "num_decoder_layers", "hidden_dim", "vocab_size",

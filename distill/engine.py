@@ -99,7 +99,8 @@ class Distiller:
             else:
                 self.teacher = models.HiddenStates(teacher).to(self.device)
             self.teacher.eval()
-        self.objective = Objective(self.cfg.alpha, self.cfg.temperature, self.cfg.loss_impl)
+        self.objective = Objective(self.cfg.alpha, self.cfg.temperature, self.cfg.loss_impl,
+                                   divergence=self.cfg.divergence, beta=self.cfg.jsd_beta)
         # Generated targets are no reference: the divergence alone (alpha 0), same objective otherwise.
         self.divergence_only = dataclasses.replace(self.objective, alpha=0.0)
         self.targets = on_policy.GeneratedTargets(self.cfg, rank=self.rank, world_size=self.world_size,

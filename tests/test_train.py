@@ -137,6 +137,14 @@ def test_labels_only_from_random_weights_needs_no_teacher_weights(workspace, tmp
     assert "trained on labels only" in card and "Distilled" not in card and "random initial weights" in card
 
 
+def test_divergence_option_reaches_the_loss(workspace, tmp_path):
+    out = str(tmp_path / "jsd")
+    assert main(_argv(workspace, out, "--divergence", "jsd", "--jsd-beta", "0.3")) == 0
+    used = json.load(open(os.path.join(out, "distill_config.json")))
+    assert (used["divergence"], used["jsd_beta"]) == ("jsd", 0.3)
+    assert "jsd(teacher, student)" in open(os.path.join(out, "README.md")).read()
+
+
 @pytest.mark.parametrize("impl", ["chunked", "naive"])
 def test_other_loss_impls_run(workspace, tmp_path, impl):
     out = str(tmp_path / impl)
@@ -194,6 +202,8 @@ def _argv(workspace, out, *extra, teacher="bart"):
     (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),
     (["--bf16", "--fp16"], "--bf16 and --fp16"),
     (["--student-init", "zeros"], "zeros"),
+    (["--divergence", "kl2"], "kl2"),
+    (["--jsd-beta", "1.5"], "--jsd-beta 1.5"),
     (["--global-batch-size", "12", "--per-device-batch-size", "8"], "--global-batch-size 12"),
 ])
 def test_bad_input_one_line_exit_2(workspace, tmp_path, capsys, extra, needle):
