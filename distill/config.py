@@ -99,6 +99,12 @@ class DistillConfig:
     jsd_beta: float = opt(0.5, "beta of --divergence jsd: M = beta*teacher + (1-beta)*student, "
                           "D = beta*KL(teacher || M) + (1-beta)*KL(student || M); 0 and 1 give the "
                           "forward and reverse KL, as in TRL.")
+    hidden_loss_weight: float = opt(0.0, "Layer matching: weight W of the MSE between each student "
+                                    "layer's hidden states and its mapped teacher layer's (the "
+                                    "spread-out map of the layer copy; encoder and decoder; real tokens "
+                                    "only), added to the loss. Different hidden sizes go through learned "
+                                    "projections (trained, not exported). 0 (default) turns it off; "
+                                    "needs the teacher (--alpha below 1).")
     # --- on-policy distillation (GKD) ----------------------------------------------------------
     on_policy_ratio: float = opt(0.0, "Probability that a training micro-batch's targets are sampled "
                                  "from the current student (on-policy distillation, GKD's lambda); on "
@@ -175,6 +181,13 @@ class DistillConfig:
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise UserError(f"--jsd-beta {self.jsd_beta} is outside [0, 1]; use e.g. --jsd-beta 0.5 "
                             "(0 = forward KL, 1 = reverse KL)")
+        if not self.hidden_loss_weight >= 0:
+            raise UserError(f"--hidden-loss-weight {self.hidden_loss_weight} must be >= 0; use e.g. "
+                            "--hidden-loss-weight 1 (0 turns layer matching off)")
+        if self.hidden_loss_weight > 0 and self.alpha >= 1.0:
+            raise UserError(f"--hidden-loss-weight {self.hidden_loss_weight} needs the teacher, but --alpha 1 "
+                            "trains on labels only and never runs it; use --alpha below 1 (e.g. 0.5) or "
+                            "drop --hidden-loss-weight")
         if self.bf16 and self.fp16:
             raise UserError("--bf16 and --fp16 are both on; pick one (bf16 is the safer choice on GPUs that have it)")
         for name in ("num_encoder_layers", "num_decoder_layers", "hidden_dim", "vocab_size",
