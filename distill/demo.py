@@ -153,6 +153,9 @@ def build_parser():
                         "baseline from the teacher's layers, over several seeds (distill/demo_compare.py)")
     p.add_argument("--methods", default=None, help="with --compare: comma list (default: all)")
     p.add_argument("--seeds", default=None, help="with --compare: comma list of training seeds (default 0,1,2)")
+    p.add_argument("--labeled-rows", type=int, default=None,
+                   help="with --compare: only this many training rows keep their references (scarce labels); "
+                        "the other training inputs are unlabeled, usable through the teacher's outputs")
     return p
 
 
@@ -190,6 +193,8 @@ def main(argv=None) -> int:
         print(f"\n[{n}/5] {text} ({time.time() - start:.0f}s elapsed)", flush=True)
 
     try:
+        if args.labeled_rows is not None and args.labeled_rows < 1:
+            raise UserError(f"--labeled-rows {args.labeled_rows} must be >= 1, e.g. --labeled-rows 2000")
         if args.teacher_local_path and not os.path.isfile(os.path.join(args.teacher_local_path, "config.json")):
             raise UserError(f"--teacher-local-path {args.teacher_local_path!r} holds no config.json; "
                             "pass a folder written by a previous demo or distill.train run")
@@ -217,9 +222,10 @@ def main(argv=None) -> int:
             result = demo_compare.run_compare(
                 _train, teacher, task_dir, out, test, layers=STUDENT_LAYERS,
                 budget={k: v for k, v in budget.items() if k != "seed"}, methods=methods, seeds=seeds,
-                max_len=MAX_LEN)
+                max_len=MAX_LEN, labeled_rows=args.labeled_rows)
             print("\n" + demo_compare.format_compare(result))
-            print(f"\nfinished in {time.time() - start:.0f}s; table in {os.path.join(out, 'compare.md')}")
+            name = "compare" + (f"-labels{args.labeled_rows}" if args.labeled_rows else "")
+            print(f"\nfinished in {time.time() - start:.0f}s; table in {os.path.join(out, name + '.md')}")
             return 0
 
         stage(3, f"distilling a {STUDENT_LAYERS[0]}+{STUDENT_LAYERS[1]}-layer student "

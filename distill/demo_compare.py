@@ -10,6 +10,10 @@ than the spreads.
 Methods (the options each adds to the student's training run):
     ce            labels only (alpha 1): the baseline
     kd            word-level KD, forward KL(teacher || student), alpha 0.5
+    kd_reverse    word-level KD with the reverse KL(student || teacher), alpha 0.5
+    kd_jsd        word-level KD with GKD's generalized JSD (beta 0.5), alpha 0.5
+    gkd           on-policy distillation (GKD): half the micro-batches on the student's own
+                  samples, JSD (beta 0.5) on them; the other half word-level KD on the references
     seq_kd        sequence-level KD: CE on the teacher's greedy outputs for the training inputs
                   (python -m distill.pseudo_label, made once for all seeds), alpha 1
     seq_kd_kd     both: the teacher's outputs as targets and word-level KD, alpha 0.5
@@ -25,6 +29,10 @@ PSEUDO = "<pseudo-labels>"  # stands for the folder run_compare makes with disti
 METHODS: dict[str, dict] = {
     "ce": dict(label="CE only (shrink and fine-tune)", alpha=1.0),
     "kd": dict(label="word-level KD (forward KL)", alpha=0.5),
+    "kd_reverse": dict(label="word-level KD (reverse KL)", alpha=0.5, divergence="reverse_kl"),
+    "kd_jsd": dict(label="word-level KD (JSD, beta 0.5)", alpha=0.5, divergence="jsd", jsd_beta=0.5),
+    "gkd": dict(label="on-policy GKD (lambda 0.5, JSD)", alpha=0.5, divergence="jsd", jsd_beta=0.5,
+                on_policy_ratio=0.5),
     "seq_kd": dict(label="sequence-level KD (teacher outputs)", alpha=1.0, target_source="teacher",
                    pseudo_labels=PSEUDO),
     "seq_kd_kd": dict(label="sequence-level + word-level KD", alpha=0.5, target_source="teacher",
@@ -58,21 +66,30 @@ def parse_seeds(text: str | None) -> list[int]:
 
 
 def run_compare(train, teacher: str, task_dir: str, out: str, test: list[dict], *, layers, budget: dict,
-                methods: list[str], seeds: list[int], max_len: int, log=print) -> dict:
+                methods: list[str], seeds: list[int], max_len: int, labeled_rows: int | None = None,
+                log=print) -> dict:
     """Train every (method, seed) student with `train(init, task, out_dir, layers, **options)`,
-    score them with the teacher on `test`, write compare.json and compare.md into `out`."""
+    score them with the teacher on `test`, write compare.json and compare.md into `out`.
+
+    `labeled_rows`: the scarce-labels setting. Only the first `labeled_rows` training rows keep
+    their references (what the methods that learn from references see, repeated over the same
+    step budget); the other training inputs are unlabeled, and only the methods that train on
+    the teacher's outputs (sequence-level KD) can use them."""
     from distill.evaluate import run_report
 
     pseudo = None
     if any(METHODS[m].get("pseudo_labels") == PSEUDO for m in methods):
         pseudo = make_pseudo_labels(teacher, task_dir, os.path.join(out, "compare", "pseudo-labels"),
                                     rows=budget["rows"], max_len=max_len, log=log)
+    setting = f"-labels{labeled_rows}" if labeled_rows else ""
     runs = {}
     for seed in seeds:
         students = []
         for method in methods:
             spec = {k: (pseudo if v == PSEUDO else v) for k, v in METHODS[method].items() if k != "label"}
-            folder = os.path.join(out, "compare", f"{method}-seed{seed}")
+            if labeled_rows and METHODS[method].get("pseudo_labels") != PSEUDO:
+                spec["max_train_samples"] = labeled_rows
+            folder = os.path.join(out, "compare", f"{method}-seed{seed}" + setting)
             if _trained(folder, dict(spec, seed=seed, max_steps=budget["steps"])):
                 log(f"compare: {METHODS[method]['label']}, seed {seed}: trained already in {folder}")
             else:
@@ -81,13 +98,15 @@ def run_compare(train, teacher: str, task_dir: str, out: str, test: list[dict], 
                       **dict(budget, seed=seed), **spec)
             students.append((f"{method}-seed{seed}", folder))
         report = run_report(teacher, students, [r["source"] for r in test], [r["target"] for r in test],
-                            os.path.join(out, "compare", f"report-seed{seed}"), main_metric="exact_match",
+                            os.path.join(out, "compare", f"report-seed{seed}{setting}"), main_metric="exact_match",
                             max_source_length=max_len, max_new_tokens=max_len, batch_size=32,
                             num_beams=1, skip_speed=True)
         for name, figures in report["models"].items():
             runs[name] = figures["exact_match"]
     result = summarize(runs, methods, seeds)
-    write_compare(result, out)
+    result["labeled_rows"] = labeled_rows
+    result["training_rows"] = budget["rows"]
+    write_compare(result, out, name="compare" + setting)
     return result
 
 
@@ -151,9 +170,12 @@ def format_compare(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_compare(result: dict, out: str) -> None:
+def write_compare(result: dict, out: str, name: str = "compare") -> None:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "compare.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
-        f.write("# Distillation methods vs plain fine-tuning\n\n" + format_compare(result) + "\n")
+    rows = result.get("labeled_rows")
+    setting = (f"{rows} labeled training rows (the rest of the {result.get('training_rows')} training "
+               "inputs unlabeled)" if rows else "every training row labeled")
+    with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as f:
+        f.write(f"# Distillation methods vs plain fine-tuning: {setting}\n\n" + format_compare(result) + "\n")

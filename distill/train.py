@@ -191,7 +191,9 @@ def run(cfg: DistillConfig, lib=None) -> int:
             f"--resume (output dir {cfg.output_dir})", all_ranks=False)
         return EXIT_INTERRUPTED
     final_eval = distiller.evaluate(eval_loader)
-    log(f"final eval loss {final_eval['eval_loss']:.4f} (ce {final_eval['eval_ce']:.4f}, kl {final_eval['eval_kl']:.4f})")
+    hidden = f", hidden {final_eval['eval_hidden']:.4f}" if final_eval.get("eval_hidden") is not None else ""
+    log(f"final eval loss {final_eval['eval_loss']:.4f} (ce {final_eval['eval_ce']:.4f}, "
+        f"kl {final_eval['eval_kl']:.4f}{hidden})")
     metrics = {
         "steps": result["step"], "samples_seen": result["counters"]["samples"],
         "tokens_seen": result["counters"]["tokens"], "bad_steps": result["counters"]["bad_steps"],

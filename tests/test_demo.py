@@ -224,3 +224,35 @@ def test_compare_summary_means_spreads_and_gains():
     with pytest.raises(Exception, match="unknown method"):
         demo_compare.parse_methods("ce,magic")
     assert demo_compare.parse_seeds("3, 4") == [3, 4]
+
+
+def test_compare_trains_each_method_and_seed_with_its_options_and_scarce_labels(tmp_path, monkeypatch):
+    from distill import demo_compare, evaluate
+
+    calls = []
+
+    def fake_train(teacher, task, folder, layers, **options):
+        calls.append((os.path.basename(folder), options))
+
+    def fake_report(teacher, students, sources, references, out, **kw):
+        return {"models": {"teacher": {"exact_match": 90.0},
+                           **{name: {"exact_match": 80.0 + len(name)} for name, _ in students}}}
+
+    monkeypatch.setattr(evaluate, "run_report", fake_report)
+    monkeypatch.setattr(demo_compare, "make_pseudo_labels", lambda *a, **k: "/pseudo")
+    budget = dict(steps=10, lr=1e-3, rows=640, sizes={})
+    result = demo_compare.run_compare(fake_train, "/teacher", "/task", str(tmp_path), [{"source": "a", "target": "b"}],
+                                      layers=(2, 1), budget=budget, methods=["ce", "seq_kd"], seeds=[0, 1],
+                                      max_len=8, labeled_rows=64, log=lambda *_: None)
+    by_folder = dict(calls)
+    assert sorted(by_folder) == ["ce-seed0-labels64", "ce-seed1-labels64", "seq_kd-seed0-labels64",
+                                 "seq_kd-seed1-labels64"]
+    # references only for the labeled rows; the teacher's outputs for every training input
+    assert by_folder["ce-seed0-labels64"]["max_train_samples"] == 64
+    assert by_folder["seq_kd-seed1-labels64"]["pseudo_labels"] == "/pseudo"
+    assert "max_train_samples" not in by_folder["seq_kd-seed1-labels64"] or \
+        by_folder["seq_kd-seed1-labels64"]["max_train_samples"] == 640
+    assert by_folder["seq_kd-seed1-labels64"]["seed"] == 1 and by_folder["ce-seed0-labels64"]["alpha"] == 1.0
+    assert result["labeled_rows"] == 64 and (tmp_path / "compare-labels64.md").is_file()
+    with pytest.raises(SystemExit):
+        demo.build_parser().parse_args(["--labeled-rows", "x"])
