@@ -30,6 +30,7 @@ import torch
 
 from distill.distributed import any_rank
 from distill.errors import UserError
+from distill.guard import fsync_dir
 
 MARKER = "COMPLETE"
 TAG = "state"
@@ -86,15 +87,6 @@ def _fsync_write(path: str, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    # Makes the rename itself durable (a power cut after rename() could otherwise undo it).
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _retire(path: str) -> None:
@@ -160,7 +152,7 @@ def save(engine, output_dir: str, step: int, trainer_state: dict[str, Any], *, r
             if os.path.exists(final):  # e.g. resumed from an older checkpoint with --resume-from
                 _retire(final)
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             error = exc

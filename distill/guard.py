@@ -1,4 +1,4 @@
-"""The output-dir lock: one run per --output-dir.
+"""The output-dir lock (one run per --output-dir), and fsync_dir for durable renames.
 
 Rank 0 holds fcntl.flock on <output_dir>/.distill.lock for the run's life. The kernel drops a
 flock when its holder dies (even by SIGKILL), so a lock file left behind by a dead run never
@@ -83,3 +83,12 @@ def output_dir_lock(output_dir: str, rank: int | None = None) -> Iterator[None]:
 def is_lock_file(name: str) -> bool:
     """For the empty-output-dir check: our own lock file does not make a folder 'not empty'."""
     return name == LOCK_NAME
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in `path` durable: a power cut after rename() could otherwise undo it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

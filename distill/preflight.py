@@ -84,3 +84,24 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def options_stage(parse, check):
+    """`check(parse())` as every rank runs it before the process group exists. Returns (parsed,
+    None), or (None, exit code) after an option error or --help: both are the same on every rank,
+    so rank 0 alone prints them and the other ranks exit quietly with the same code."""
+    import contextlib
+    import io
+
+    rank0 = os.environ.get("RANK", "0") in ("", "0")
+    try:
+        with contextlib.redirect_stdout(sys.stdout if rank0 else io.StringIO()):
+            parsed = parse()
+        check(parsed)
+    except UserError as exc:
+        if rank0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return None, 2
+    except SystemExit as exc:  # --help
+        return None, int(exc.code or 0)
+    return parsed, None

@@ -38,9 +38,7 @@ manifest and fingerprints are described in distill/pseudo_label_files.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import io
 import math
 import os
 import sys
@@ -359,21 +357,14 @@ def run(cfg, opts, lib=None) -> int:
 def main(argv=None) -> int:
     from distill import logs
     from distill.guard import output_dir_lock
-    from distill.preflight import env_world_size
+    from distill.preflight import env_world_size, options_stage
 
-    # Under a launcher every rank runs this; option errors are the same on every rank, so rank 0
-    # alone prints them (and --help), the others exit quietly with the same code.
-    rank0 = os.environ.get("RANK", "0") in ("", "0")
-    try:
-        with contextlib.redirect_stdout(sys.stdout if rank0 else io.StringIO()):
-            cfg, opts = parse_args(argv)
-        preflight(cfg, opts, env_world_size())
-    except UserError as exc:
-        if rank0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    # Under a launcher every rank runs this: preflight's option stage prints once (rank 0).
+    parsed, code = options_stage(lambda: parse_args(argv),
+                                 lambda p: preflight(p[0], p[1], env_world_size()))
+    if code is not None:
+        return code
+    cfg, opts = parsed
     lib = logs.quiet_libraries()
     try:
         with output_dir_lock(opts.output_dir):  # one run per folder; refused before anything is written

@@ -41,6 +41,7 @@ from typing import Iterable, Iterator
 
 from distill.config import is_unset
 from distill.errors import UserError
+from distill.guard import fsync_dir
 
 MANIFEST = "manifest.json"
 FORMAT = "seq2seq-distill pseudo-labels"
@@ -149,14 +150,6 @@ def sources_fingerprint(texts: Iterable[str]) -> str:
 
 # ----------------------------------------------------------------------------- files
 
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: str, text: str) -> None:
     """Write `text` to `path` so that the file is either absent/old or whole, never partial."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -166,7 +159,7 @@ def write_atomic(path: str, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def remove_temporaries(folder: str) -> None:

@@ -253,24 +253,13 @@ def train(cfg: DistillConfig) -> int:
 
 
 def main(argv=None) -> int:
-    import contextlib
-    import io
-
     from distill import preflight
 
-    # Under a launcher every rank runs this; errors that depend only on the options are the
-    # same on every rank, so rank 0 alone prints them (and --help), and the others exit quietly.
-    rank0 = os.environ.get("RANK", "0") in ("", "0")
-    try:
-        with contextlib.redirect_stdout(sys.stdout if rank0 else io.StringIO()):
-            cfg = parse_args(argv)
-        preflight.check(cfg, preflight.env_world_size())
-    except UserError as exc:
-        if rank0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    # Under a launcher every rank runs this: preflight's option stage prints once (rank 0).
+    cfg, code = preflight.options_stage(lambda: parse_args(argv),
+                                        lambda c: preflight.check(c, preflight.env_world_size()))
+    if code is not None:
+        return code
     try:
         return train(cfg)
     except UserError as exc:
