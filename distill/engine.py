@@ -198,7 +198,9 @@ class Distiller:
         # The with-block closes the bar on every exit, so an error line never lands on the bar's line.
         distilling = self.teacher is not None
         with tqdm(total=self.total_steps, initial=step, disable=self.rank != 0,
-                  desc="distill" if distilling else "train (labels only)", dynamic_ncols=True) as bar:
+                  desc="distill" if distilling else ("train (labels only)" if cfg.target_source == "reference"
+                                                     else "train (teacher outputs)"),
+                  dynamic_ncols=True) as bar:
             micro = 0
             epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
             skip = (step % self.steps_per_epoch) * self.grad_accum if self.steps_per_epoch else 0
