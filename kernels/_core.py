@@ -18,6 +18,7 @@ factor keeps the soft-target gradient's scale independent of T (Hinton et al. 20
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -69,17 +70,49 @@ def default_fused_chunk_size(vocab: int, rows: int) -> int:
     return -(-rows // n_chunks)
 
 
+def index_labels(labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
+    """Labels of any integer dtype -> flat, contiguous int64: the row steps index rows with the
+    labels through a raw int64 pointer (native C), so nothing of another width may reach them.
+    Float, complex and bool tensors are refused (TypeError): a class index is an integer."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of integer class indices, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class indices, got dtype {labels.dtype}; "
+                        f"convert them with {name}.long()")
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def check_ignore_index(ignore_index) -> int:
+    """ignore_index as a Python int that an int64 label can equal (TypeError / ValueError otherwise)."""
+    try:
+        value = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index!r}")
+    return value
+
+
 def rowstep_io(s, t, labels, maskf, who: str):
-    """What every row step (kernels/rowsteps.py) does before its kernel: check that the teacher
-    block shares the student block's layout, allocate the (r,) float32 ce and kl outputs on the
-    block's device, and flatten labels and mask to contiguous (r,). -> (ce, kl, labels, maskf)."""
-    r = s.shape[0]
-    if t is not None and (t.shape != s.shape or t.stride(0) != s.stride(0)):
+    """What every row step (kernels/rowsteps.py) does before its kernel: check that the blocks
+    are what the kernels index into (float32 rows of unit stride, the teacher's in the student's
+    layout, one label and one mask value per row), allocate the (r,) float32 ce and kl outputs on
+    the block's device, and flatten labels (to int64) and mask to contiguous (r,).
+    -> (ce, kl, labels, maskf)."""
+    r, vocab = s.shape
+    if s.dtype != torch.float32 or (vocab > 1 and s.stride(1) != 1) or (r > 1 and s.stride(0) < vocab):
+        raise ValueError(f"{who} rowstep: the student block must be float32 rows of unit stride, got "
+                         f"{s.dtype} with strides {s.stride()}")
+    if t is not None and (t.shape != s.shape or t.stride() != s.stride() or t.dtype != torch.float32):
         raise ValueError(f"{who} rowstep: student and teacher blocks must have the same layout")
     ce = torch.empty(r, dtype=torch.float32, device=s.device)
     kl = torch.empty(r, dtype=torch.float32, device=s.device)
-    labels = None if labels is None else labels.reshape(-1).contiguous()
-    return ce, kl, labels, maskf.reshape(-1).contiguous()
+    labels = None if labels is None else index_labels(labels)
+    maskf = maskf.reshape(-1).to(torch.float32).contiguous()
+    if maskf.numel() != r or (labels is not None and labels.numel() != r):
+        raise ValueError(f"{who} rowstep: {r} rows need {r} labels and mask values, got "
+                         f"{None if labels is None else labels.numel()} and {maskf.numel()}")
+    return ce, kl, labels, maskf
 
 
 def check_temperature(temperature: float) -> float:

@@ -32,7 +32,8 @@
 #define BLOCK 1024
 
 /* exp(x) for x <= 0 (shifted logits), vectorisable: Cephes' expf polynomial (relative error
- * ~1e-7 on [-87, 0]); exactly 0 below -87.3 where float underflows anyway. */
+ * ~1e-7 on [-87, 0]); exactly 0 below -87.3 where float underflows anyway. A NaN x (what a
+ * non-finite logit upstream becomes: inf - inf) gives NaN, without undefined behaviour: see 2^n. */
 static inline float exp_nonpos(float x) {
     const float log2e = 1.44269504088896341f;
     const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
@@ -47,7 +48,14 @@ static inline float exp_nonpos(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r2 + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
+    /* 2^n in the exponent bits. n (integral, in [-126, 0] for x <= 0) is read from the bits of
+     * n + 1.5 * 2^23, which hold it in their low mantissa bits, not converted with (int32_t)n:
+     * converting a NaN to an int is undefined behaviour in C. A NaN reads as some bits here and
+     * p, NaN too, makes the result NaN. Unsigned arithmetic: no shift or sum can overflow. */
+    const float n_magic = n + 12582912.0f;
+    uint32_t bits;
+    memcpy(&bits, &n_magic, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     float y = p * scale;

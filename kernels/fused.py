@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from . import rowsteps
-from ._core import (check_divergence, check_temperature, chunk_grad, chunk_step, default_fused_chunk_size,
-                    flatten_rows)
+from ._core import (check_divergence, check_ignore_index, check_temperature, chunk_grad, chunk_step,
+                    default_fused_chunk_size, flatten_rows, index_labels)
 
 
 def _logits_into(dst, hidden, weight, bias):
@@ -42,7 +42,7 @@ class FusedLinearDistill(torch.autograd.Function):
             raise ValueError(f"student_weight must be (V, {width}), got shape {tuple(weight.shape)}")
         if bias is not None and bias.shape != (vocab,):
             raise ValueError(f"student_bias must be ({vocab},), got shape {tuple(bias.shape)}")
-        lab = labels.reshape(-1)
+        lab = index_labels(labels)  # any integer dtype -> int64: what the row steps index with
         if lab.numel() != n_rows:
             raise ValueError(f"labels has {lab.numel()} positions, expected {n_rows} (one per token)")
         if teacher_logits is None and teacher_hidden is None:
@@ -172,7 +172,9 @@ def fused_linear_distill_loss(student_hidden, student_weight, labels, *, teacher
     """alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher, student), never materialising logits.
 
     student_hidden: (N, H) or (B, T, H); student_weight: (V, H) (the lm_head); student_bias:
-    optional (V,) (BART's final_logits_bias). labels: (N,) or (B, T), ignore_index masks.
+    optional (V,) (BART's final_logits_bias). labels: (N,) or (B, T), any integer dtype (a
+    float or bool tensor is a TypeError); positions equal to ignore_index are masked, any other
+    label outside [0, V) is a ValueError.
     The teacher is either teacher_logits (N, V) / (B, T, V) or teacher_hidden (N, H_t) with
     teacher_weight (V, H_t) and optional teacher_bias (V,); it never receives a gradient. With
     alpha == 1 the teacher may be omitted (labels only; kl is then 0).
@@ -188,6 +190,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, labels, *, teacher
     """
     temperature = check_temperature(temperature)
     divergence, beta = check_divergence(divergence, beta)
+    ignore_index = check_ignore_index(ignore_index)
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")

@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 
 from . import rowsteps
-from ._core import check_divergence, check_temperature, chunk_grad, chunk_step, default_chunk_size, flatten_rows
+from ._core import (check_divergence, check_ignore_index, check_temperature, chunk_grad, chunk_step, default_chunk_size,
+                    flatten_rows, index_labels)
 
 
 def _valid_mask(labels, n_rows, ignore_index, device):
     if labels is None:
         return torch.ones(n_rows, 1, device=device)
-    lab = labels.reshape(-1)
+    lab = index_labels(labels)  # any integer dtype; only compared with ignore_index here
     if lab.numel() != n_rows:
         raise ValueError(f"labels has {lab.numel()} positions, expected {n_rows} (one per logits row)")
     return (lab != ignore_index).to(torch.float32).view(-1, 1)
@@ -99,7 +100,8 @@ def chunked_kl_div(student_logits, teacher_logits, labels=None, *, temperature=1
     """T^2 * mean over unmasked tokens of D(p, q), p = softmax(teacher/T), q = softmax(student/T).
 
     student_logits, teacher_logits: (N, V) or (B, T, V), any float dtype (they may differ).
-    labels: optional (N,) or (B, T); positions equal to ignore_index are left out of the mean.
+    labels: optional (N,) or (B, T), any integer dtype (a float or bool tensor is a TypeError);
+    positions equal to ignore_index are left out of the mean.
     Without labels every token counts. An all-masked batch gives 0 with a zero gradient.
     Math is in float32; the gradient flows to student_logits only. Returns a float32 scalar.
     chunk_size: rows per block (default: a few MB of float32 logits per block).
@@ -110,6 +112,7 @@ def chunked_kl_div(student_logits, teacher_logits, labels=None, *, temperature=1
     """
     temperature = check_temperature(temperature)
     divergence, beta = check_divergence(divergence, beta)
+    ignore_index = check_ignore_index(ignore_index)
     if teacher_logits.requires_grad:
         teacher_logits = teacher_logits.detach()  # never a gradient to the teacher
     return ChunkedKLDiv.apply(student_logits, teacher_logits, labels, temperature, ignore_index, chunk_size,

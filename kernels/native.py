@@ -135,11 +135,20 @@ def status() -> str:
 
 def rowstep(fn, s, t, labels, maskf, inv_t, c_ce, c_kl, want_grad, divergence="forward_kl", beta=0.5):
     """Per-row ce and kl (the divergence D), (r,) float32, for the chunk s (and teacher t, or
-    None). Overwrites t; with want_grad writes d loss / d s over s. labels: (r,) int64 with
-    ignored positions already replaced by a valid index, or None (no CE). maskf: (r,) float32.
+    None). Overwrites t; with want_grad writes d loss / d s over s. labels: (r,) integers (taken
+    as int64) with ignored positions already replaced by a valid index, or None (no CE); a label
+    outside [0, V) is a ValueError. maskf: (r,) float32.
     divergence, beta: as kernels._core.check_divergence returns them."""
     r, vocab = s.shape
     ce, kl, labels, maskf = rowstep_io(s, t, labels, maskf, "native")
+    if s.device.type != "cpu":
+        raise ValueError(f"native rowstep: CPU blocks only, got {s.device}")
+    # The C code reads s[label] through raw pointers: an index outside the row would read (and,
+    # for the gradient, write) another row's memory or beyond the block. The callers check the
+    # labels too; this is the last check before the pointers, and it costs one pass over r values.
+    if labels is not None and r and bool(((labels < 0) | (labels >= vocab)).any()):
+        bad = labels[(labels < 0) | (labels >= vocab)][0].item()
+        raise ValueError(f"native rowstep: label {bad} is outside [0, {vocab})")
     rc = fn(s.data_ptr(), None if t is None else t.data_ptr(),
             None if labels is None else labels.data_ptr(), maskf.data_ptr(), ce.data_ptr(),
             kl.data_ptr(), r, vocab, s.stride(0), float(inv_t), float(c_ce), float(c_kl),

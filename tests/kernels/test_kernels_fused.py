@@ -199,3 +199,33 @@ def test_bad_arguments_raise():
         fused_linear_distill_loss(h, w, x["labels"], teacher_hidden=h)
     with pytest.raises(ValueError, match="labels"):
         fused_linear_distill_loss(h, w, x["labels"][:3], teacher_logits=h @ w.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+def test_every_integer_label_dtype_gives_the_int64_result(dtype):
+    """The row steps index with int64 labels; other widths are converted first (the native step
+    once read int32 labels as int64 and crashed the process)."""
+    x = make(seed=3)
+    labels = x["labels"].clamp(min=0)  # uint8 cannot hold -100
+    labels[::4] = 0 if dtype == torch.uint8 else -100
+    kw = dict(teacher_hidden=x["teacher_hidden"].float(), teacher_weight=x["teacher_weight"].float(),
+              temperature=2.0, chunk_size=5, ignore_index=0 if dtype == torch.uint8 else -100)
+    h = x["student_hidden"].float().requires_grad_(True)
+    w = x["student_weight"].float()
+    want, want_ce, _ = fused_linear_distill_loss(h, w, labels, **kw)
+    (want_g,) = torch.autograd.grad(want, h)
+    got, got_ce, _ = fused_linear_distill_loss(h, w, labels.to(dtype), **kw)
+    (got_g,) = torch.autograd.grad(got, h)
+    assert got.item() == want.item() and got_ce.item() == want_ce.item() and torch.equal(got_g, want_g)
+
+
+def test_non_integer_labels_and_ignore_index_are_refused():
+    x = make()
+    h, w = x["student_hidden"].float(), x["student_weight"].float()
+    for bad in (x["labels"].float(), x["labels"] > 0):
+        with pytest.raises(TypeError, match="integer class indices"):
+            fused_linear_distill_loss(h, w, bad, alpha=1.0)
+    with pytest.raises(TypeError, match="ignore_index"):
+        fused_linear_distill_loss(h, w, x["labels"], alpha=1.0, ignore_index=-100.0)
+    with pytest.raises(ValueError, match="labels must be in"):
+        fused_linear_distill_loss(h, w, torch.full_like(x["labels"], V).to(torch.int32), alpha=1.0)

@@ -150,3 +150,12 @@ def test_bad_arguments_raise_one_line_errors():
         chunked_kl_div(s, t[:1])
     with pytest.raises(ValueError, match="labels"):
         chunked_kl_div(s, t, torch.zeros(3, dtype=torch.long))
+
+
+def test_labels_of_any_integer_dtype_mask_alike_and_floats_are_refused():
+    s, t, labels = make()
+    want = chunked_kl_div(s.float(), t.float(), labels, chunk_size=4)
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        assert chunked_kl_div(s.float(), t.float(), labels.to(dtype), chunk_size=4).item() == want.item()
+    with pytest.raises(TypeError, match="integer class indices"):
+        chunked_kl_div(s.float(), t.float(), labels.float())
