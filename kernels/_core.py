@@ -30,6 +30,9 @@ CHUNK_BYTES = 16 * 2**20
 # tokens x 50265 that is 8 chunks of 512 rows). The README ("The loss kernels") has the
 # measurements behind this size.
 FUSED_CHUNK_BYTES = 100 * 2**20
+# backward: the float32 scratch through which a float16 input's gradient is scaled and rounded
+# (kernels/_core.py, "Float16 gradients")
+SCALE_PIECE_BYTES = 4 * 2**20
 
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -113,6 +116,59 @@ def rowstep_io(s, t, labels, maskf, who: str):
         raise ValueError(f"{who} rowstep: {r} rows need {r} labels and mask values, got "
                          f"{None if labels is None else labels.numel()} and {maskf.numel()}")
     return ce, kl, labels, maskf
+
+
+# Float16 gradients. Both losses compute their gradient in the forward pass, but the loss scale
+# of fp16 training (DeepSpeed's dynamic scale, 2^15, 2^16, ...) only arrives in backward, as the
+# incoming gradient. Rounded to float16 before that, entries of order alpha / n * p (1e-9 and
+# below) flush to zero or keep a few bits, and a scale of 2^16 is inf in float16 (whose largest
+# number is 65504). So the gradient of a float16 input is kept as float16 numbers with one
+# power-of-two scale per row (float32, 4 bytes a row): scale_rows_ puts each row's largest
+# |entry| into [2^14, 2^15), and backward multiplies by (incoming gradient / that scale) in
+# float32 and rounds to float16 once more. An entry that is a normal float16 number once scaled
+# was then stored at >= 2^-16 whenever its row's largest entry, scaled, stays below 2^16 (else
+# that one is inf anyway): two roundings, a relative error below 0.25%. Same bytes as a
+# float16 gradient rounded in the forward pass. The fused loss also runs its matmuls in float32
+# for float16 operands (float16 logits would put a rounding error of up to 2^-11 |logit| into
+# every probability). bfloat16 has float32's exponent range, so its gradients are rounded in the
+# forward pass as before, and float32 / float64 inputs keep their gradients in their own dtype.
+def scale_rows_(g):
+    """Scale each row of the float32 block g (r, C) in place by 2^k, k = 14 - floor(log2 of its
+    largest |entry|) (within [-100, 100]; 0 for a row that is all zero or not finite), and return
+    2^-k per row, (r, 1) float32: g rounded to float16 afterwards loses nothing to the range."""
+    m = torch.maximum(g.amax(1, keepdim=True), g.amin(1, keepdim=True).neg_())  # max |g|, no |g| block
+    ok = torch.isfinite(m) & (m > 0)
+    k = torch.where(ok, 14.0 - torch.floor(torch.log2(torch.where(ok, m, torch.ones_like(m)))), 0.0)
+    k.clamp_(-100.0, 100.0)
+    g.mul_(torch.exp2(k))
+    return torch.exp2(k.neg_())
+
+
+def scale_saved_grad(saved, grad_out, row_scale=None):
+    """The gradient to return: saved * grad_out (grad_out: the 0-dim incoming gradient). With
+    row_scale (a float16 gradient kept by scale_rows_: saved (r, C) and row_scale (r, 1)) the
+    product saved * (row_scale * grad_out) is taken in float32 and rounded to float16, piece by
+    piece through one float32 scratch of at most SCALE_PIECE_BYTES. Otherwise grad_out is usually
+    1 (`loss.backward()`) and saved is returned as it is; any other value scales it out of place,
+    so that a retained graph can be differentiated twice without compounding."""
+    if saved is None:
+        return None
+    if row_scale is not None:
+        rows = saved.view(row_scale.shape[0], -1)
+        out = torch.empty_like(saved)
+        out_rows = out.view(rows.shape)
+        factor = row_scale * grad_out.to(torch.float32)
+        step = max(1, min(rows.shape[0], SCALE_PIECE_BYTES // (4 * max(rows.shape[1], 1))))
+        scratch = torch.empty(step, rows.shape[1], dtype=torch.float32, device=saved.device)
+        for i in range(0, rows.shape[0], step):
+            j = min(i + step, rows.shape[0])
+            piece = scratch[: j - i]
+            # copy, multiply, copy: a mixed-dtype mul would make temporaries
+            out_rows[i:j].copy_(piece.copy_(rows[i:j]).mul_(factor[i:j]))
+        return out
+    if grad_out.ne(1).item():
+        return saved * grad_out.to(saved.dtype)
+    return saved
 
 
 def check_temperature(temperature: float) -> float:

@@ -6,6 +6,12 @@ wrt its logits is final as soon as the chunk is done, so the forward pass also d
 backward matmuls (grad hidden = G W, grad weight += G^T h, as Liger-Kernel does) and keeps only
 those gradients for backward: no recomputation, which is what brings the whole loss close to
 the time of its bare matmuls.
+
+float16 inputs (kernels/_core.py, "Float16 gradients"): the matmuls take the float32 values of
+float16 operands, the lm_heads through a float32 staging buffer of at most a quarter of a
+scratch block each (`_Float32Rows`; the whole head at once when it fits), and the gradients of
+float16 inputs are kept with one power-of-two scale per row until backward has applied the
+incoming gradient (the loss scale).
 """
 from __future__ import annotations
 
@@ -13,11 +19,50 @@ import torch
 
 from . import rowsteps
 from ._core import (check_divergence, check_ignore_index, check_temperature, chunk_grad, chunk_step,
-                    default_fused_chunk_size, flatten_rows, index_labels)
+                    default_fused_chunk_size, flatten_rows, index_labels, scale_rows_, scale_saved_grad)
+
+# a float16 lm_head's float32 staging buffer holds at least this many bytes (tiny chunks)
+MIN_STAGE_BYTES = 4 * 2**20
 
 
-def _logits_into(dst, hidden, weight, bias):
-    """dst (float32 block) = hidden @ weight.T + bias, the matmul in the inputs' dtype."""
+class _Float32Rows:
+    """A (V, H) weight read as float32 row slices (v0, v1, rows): a float32 weight as it is, any
+    other through one staging buffer of at most max_bytes (at least one row); when the whole
+    weight fits, it is converted once and every call to slices() gives that one slice."""
+
+    def __init__(self, weight, max_bytes):
+        self.weight = weight
+        vocab, width = weight.shape
+        if weight.dtype == torch.float32:
+            self.rows, self.buf = vocab, weight
+            return
+        self.rows = max(1, min(vocab, max_bytes // (4 * max(width, 1))))
+        self.buf = torch.empty(self.rows, width, dtype=torch.float32, device=weight.device)
+        if self.rows == vocab:
+            self.buf.copy_(weight)
+
+    def slices(self):
+        vocab = self.weight.shape[0]
+        if self.rows == vocab:
+            yield 0, vocab, self.buf
+            return
+        for v0 in range(0, vocab, self.rows):
+            v1 = min(v0 + self.rows, vocab)
+            yield v0, v1, self.buf[: v1 - v0].copy_(self.weight[v0:v1])
+
+
+def _logits_into(dst, hidden, weight, bias, staged=None):
+    """dst (float32 block) = hidden @ weight.T + bias. With `staged` (the weight as _Float32Rows,
+    given when an operand is float16) a float32 matmul per vocabulary slice, so the logits are
+    never rounded to float16; otherwise the matmul in the inputs' dtype."""
+    if staged is not None:
+        h32 = hidden.float()
+        for v0, v1, w in staged.slices():
+            if bias is None:
+                torch.mm(h32, w.t(), out=dst[:, v0:v1])
+            else:
+                torch.addmm(bias[v0:v1].float(), h32, w.t(), out=dst[:, v0:v1])
+        return dst
     if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
         if bias is None:
             torch.mm(hidden, weight.t(), out=dst)
@@ -28,6 +73,10 @@ def _logits_into(dst, hidden, weight, bias):
     if bias is not None:
         dst.add_(bias.float())
     return dst
+
+
+def _has_fp16(*tensors):
+    return any(x is not None and x.dtype == torch.float16 for x in tensors)
 
 
 class FusedLinearDistill(torch.autograd.Function):
@@ -88,7 +137,15 @@ class FusedLinearDistill(torch.autograd.Function):
         t_buf = torch.empty(chunk, vocab, **f32) if t_all is not None or fast is None else None
         u_buf = torch.empty(chunk, vocab, **f32) if fast is None else None
         w_buf = torch.empty(chunk, vocab, **f32) if fast is None and divergence == "jsd" else None
-        grad_h = torch.empty_like(h_all) if need_h else None
+        # A float16 operand: float32 matmuls, each float16 lm_head staged in float32 slices of
+        # at most a quarter of a scratch block (see the module docstring).
+        stage_bytes = max(chunk * vocab, MIN_STAGE_BYTES)
+        staged = _Float32Rows(weight, stage_bytes) if _has_fp16(h_all, weight) else None
+        t_staged = (_Float32Rows(teacher_weight, stage_bytes)
+                    if teacher_logits is None and t_all is not None and _has_fp16(t_all, teacher_weight) else None)
+        grad_h = None
+        if need_h:  # float32 when the matmuls are
+            grad_h = torch.empty(h_all.shape, **f32) if staged is not None else torch.empty_like(h_all)
         # grad weight/bias are summed over every chunk: one float32 buffer, addmm_ in place.
         grad_w = torch.zeros(weight.shape, **f32) if need_w else None
         grad_b = torch.zeros(vocab, **f32) if need_b else None
@@ -101,7 +158,7 @@ class FusedLinearDistill(torch.autograd.Function):
             s = s_buf[:r]
             t = None if t_buf is None else t_buf[:r]
             h = h_all[i:j]
-            _logits_into(s, h, weight, bias)
+            _logits_into(s, h, weight, bias, staged)
             if t_all is None:
                 # No teacher (alpha == 1): the eager path uses teacher := student, which makes
                 # the forward KL exactly 0 and keeps one code path (its gradient weight c_kl is
@@ -111,7 +168,7 @@ class FusedLinearDistill(torch.autograd.Function):
             elif teacher_logits is not None:
                 t.copy_(t_all[i:j])
             else:
-                _logits_into(t, t_all[i:j], teacher_weight, teacher_bias)
+                _logits_into(t, t_all[i:j], teacher_weight, teacher_bias, t_staged)
             m, lab_c = maskf[i:j], safe_lab[i:j]
             if fast is not None:
                 row_ce, row_kl = fast(s, t, lab_c, m, inv_t, c_ce, c_kl, need_any, divergence, beta)
@@ -130,7 +187,13 @@ class FusedLinearDistill(torch.autograd.Function):
             if need_b:
                 grad_b.add_(g.sum(0))
             if need_h:
-                if w_f32 and h.dtype == torch.float32:
+                if staged is not None:  # float32 G, never rounded to float16
+                    for v0, v1, w in staged.slices():
+                        if v0 == 0:
+                            torch.mm(g[:, v0:v1], w, out=grad_h[i:j])
+                        else:
+                            grad_h[i:j].addmm_(g[:, v0:v1], w)
+                elif w_f32 and h.dtype == torch.float32:
                     torch.mm(g, weight, out=grad_h[i:j])
                 else:
                     grad_h[i:j].copy_(g.to(weight.dtype) @ weight)
@@ -140,12 +203,17 @@ class FusedLinearDistill(torch.autograd.Function):
         kl = (kl_sum / denom).to(torch.float32)
         loss = (alpha * ce_sum + (1.0 - alpha) * temperature**2 * kl_sum) / denom
         loss = loss.to(torch.float32)
-        del s_buf, t_buf, u_buf, w_buf
-        if grad_w is not None and not w_f32:
-            grad_w = grad_w.to(weight.dtype)  # drop the float32 buffer before backward
-        if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        del s_buf, t_buf, u_buf, w_buf, staged, t_staged
+        # Rounded to the inputs' dtypes now (dropping the float32 buffers before backward); for
+        # float16 inputs after a power-of-two scale per row, which backward undoes together with
+        # the incoming gradient (the loss scale).
+        saved = []
+        for grad, x in ((grad_h, hidden), (grad_w, weight), (grad_b, bias)):
+            row_scale = None
+            if grad is not None and x.dtype == torch.float16:
+                row_scale = scale_rows_(grad.view(-1, grad.shape[-1]))  # (N, 1), (V, 1), (1, 1)
+            saved += [None if grad is None else grad.to(x.dtype), row_scale]
+        ctx.save_for_backward(*saved)
         ctx.shape = shape
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
@@ -153,13 +221,9 @@ class FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        # Usually 1 (`loss.backward()`); scale out of place otherwise so a retained graph can
-        # be differentiated twice without compounding.
-        if grad_loss.ne(1).item():
-            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
-            grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
-            grad_b = None if grad_b is None else grad_b * grad_loss.to(grad_b.dtype)
+        grad_h, s_h, grad_w, s_w, grad_b, s_b = ctx.saved_tensors
+        grad_h, grad_w, grad_b = (scale_saved_grad(g, grad_loss, s)
+                                  for g, s in ((grad_h, s_h), (grad_w, s_w), (grad_b, s_b)))
         if grad_h is not None:
             grad_h = grad_h.view(ctx.shape)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
@@ -184,7 +248,9 @@ def fused_linear_distill_loss(student_hidden, student_weight, labels, *, teacher
     like TRL, "jsd" with beta == 0 is the forward KL and with beta == 1 the reverse KL. beta must
     be in [0, 1] (it is only used by "jsd").
     CE uses the T = 1 student logits; D uses softmax(./T) of both. Both are means over
-    unmasked tokens (an all-masked batch gives 0 and zero gradients). Math in float32.
+    unmasked tokens (an all-masked batch gives 0 and zero gradients). Math in float32; for
+    float16 inputs the matmuls too, and their gradients keep one power-of-two scale per row until
+    backward applies the incoming gradient (the fp16 loss scale) and rounds them to float16.
     Returns (loss, ce, kl): loss carries the gradient; ce and kl are detached float32 scalars,
     kl the divergence D without the T^2 factor.
     """

@@ -5,8 +5,10 @@ A plain `kl_div(log_softmax(s/T), log_softmax(t/T))` keeps three or four float32
 vocab) tensors alive through backward. Here the forward walks over row chunks with two
 float32 (chunk x vocab) scratch blocks (three on the eager path, four there for "jsd"; see
 kernels/rowsteps.py) and, when the student logits need a gradient, writes
-that gradient (in the logits' dtype) chunk by chunk during the forward pass: it is the only
-full-size tensor the loss allocates, and backward only scales it.
+that gradient chunk by chunk during the forward pass: it is the only full-size tensor the loss
+allocates, and backward only scales it. It is kept in the logits' dtype; for float16 logits with
+one power-of-two scale per row, which backward undoes together with the incoming gradient (the
+loss scale; kernels/_core.py, "Float16 gradients"), into a new tensor.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from . import rowsteps
 from ._core import (check_divergence, check_ignore_index, check_temperature, chunk_grad, chunk_step, default_chunk_size,
-                    flatten_rows, index_labels)
+                    flatten_rows, index_labels, scale_rows_, scale_saved_grad)
 
 
 def _valid_mask(labels, n_rows, ignore_index, device):
@@ -52,6 +54,7 @@ class ChunkedKLDiv(torch.autograd.Function):
         # When the logits are float32 the gradient block itself serves as the student buffer.
         grad = torch.empty_like(s_all) if need_grad else None
         direct = need_grad and s_all.dtype == torch.float32
+        row_scale = torch.empty(n_rows, 1, **f32) if need_grad and s_all.dtype == torch.float16 else None
         s_buf = None if direct else torch.empty(chunk, vocab, **f32)
         t_buf = torch.empty(chunk, vocab, **f32)
         fast = rowsteps.pick(s_all.device)
@@ -76,23 +79,21 @@ class ChunkedKLDiv(torch.autograd.Function):
                 if need_grad:
                     chunk_grad(s, u, st, maskf[i:j], 0.0, c_kl)
             if need_grad:
+                if row_scale is not None:
+                    row_scale[i:j] = scale_rows_(s)
                 if not direct:
                     grad[i:j].copy_(s)
         loss = (total * (temperature**2 / max(n_valid, 1))).to(torch.float32)
         if need_grad:
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(grad, row_scale)
         ctx.shape = shape
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        # grad_out is 1 in the common `loss.backward()`; scale out of place otherwise so a
-        # retained graph can be differentiated twice.
-        if grad_out.ne(1).item():
-            grad = grad * grad_out.to(grad.dtype)
-        return grad.view(ctx.shape), None, None, None, None, None, None, None
+        grad, row_scale = ctx.saved_tensors
+        return scale_saved_grad(grad, grad_out, row_scale).view(ctx.shape), None, None, None, None, None, None, None
 
 
 def chunked_kl_div(student_logits, teacher_logits, labels=None, *, temperature=1.0,
@@ -103,7 +104,9 @@ def chunked_kl_div(student_logits, teacher_logits, labels=None, *, temperature=1
     labels: optional (N,) or (B, T), any integer dtype (a float or bool tensor is a TypeError);
     positions equal to ignore_index are left out of the mean.
     Without labels every token counts. An all-masked batch gives 0 with a zero gradient.
-    Math is in float32; the gradient flows to student_logits only. Returns a float32 scalar.
+    Math is in float32; the gradient flows to student_logits only (for float16 logits it keeps
+    one power-of-two scale per row until backward applies the incoming gradient, the fp16 loss
+    scale, and rounds it to float16). Returns a float32 scalar.
     chunk_size: rows per block (default: a few MB of float32 logits per block).
     divergence: D is "forward_kl" (KL(p || q), the default), "reverse_kl" (KL(q || p)) or "jsd":
     beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q, as TRL's

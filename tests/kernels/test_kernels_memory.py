@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from kernels import chunked_kl_div, fused_linear_distill_loss, naive_kl_div
+from kernels import _core, chunked_kl_div, fused_linear_distill_loss, naive_kl_div
 
 N_TOK, VOCAB, HID, CHUNK = 256, 1000, 32, 16
 BLOCK = CHUNK * VOCAB * 4  # one float32 scratch block
@@ -87,3 +87,45 @@ def test_fused_never_holds_full_logits(divergence, backend):
     grads = (N_TOK + VOCAB) * HID * 4
     # the two gradients plus the scratch blocks, nothing of size N x V
     assert peak_bytes(run) <= grads + scratch_blocks(backend, divergence, fused=True) * BLOCK + BLOCK // 4
+
+
+def test_chunked_kl_fp16_gradient_stays_float16(backend, monkeypatch):
+    """float16 logits: the gradient is kept as float16 (with one float32 scale per row), as large
+    as the logits; backward writes the scaled gradient into a new float16 tensor through a
+    float32 scratch piece, while the scratch blocks of the forward pass are gone."""
+    monkeypatch.setattr(_core, "SCALE_PIECE_BYTES", BLOCK)  # (4 MiB: larger than all of it here)
+    s, t, labels = inputs()
+    x, t16 = s.half().requires_grad_(True), t.half()
+
+    def run():
+        torch.autograd.grad(chunked_kl_div(x, t16, labels, temperature=2.0, chunk_size=CHUNK), x,
+                            grad_outputs=torch.tensor(2.0**16))
+
+    forward = (scratch_blocks(backend, "forward_kl", fused=False) + 1) * BLOCK  # + the student block
+    # backward: the new gradient and the scratch piece; under Triton's interpreter the last
+    # launch's blocks (student and teacher) are still referenced then (measured)
+    backward = FULL // 2 + BLOCK + (2 * BLOCK if backend == "triton" else 0)
+    assert peak_bytes(run) <= FULL // 2 + max(forward, backward) + BLOCK // 4
+
+
+def test_fused_fp16_gradients_stay_float16_and_the_head_is_staged(backend, monkeypatch):
+    """float16 inputs: the gradients are summed in float32 in the forward pass (as before) and
+    kept as float16 (with one float32 scale per row) from forward to backward; the lm_head is
+    read through one float32 staging buffer (a quarter of a block or MIN_STAGE_BYTES, at most
+    the head's float32 size)."""
+    from kernels.fused import MIN_STAGE_BYTES
+
+    monkeypatch.setattr(_core, "SCALE_PIECE_BYTES", BLOCK)
+    _, t, labels = inputs()
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(N_TOK, HID, generator=g).half().requires_grad_(True)
+    w = torch.randn(VOCAB, HID, generator=g).half().requires_grad_(True)
+    t16 = t.half()
+
+    def run():
+        loss, _, _ = fused_linear_distill_loss(h, w, labels, teacher_logits=t16, temperature=2.0, chunk_size=CHUNK)
+        torch.autograd.grad(loss, (h, w), grad_outputs=torch.tensor(2.0**16))
+
+    grads = (N_TOK + VOCAB) * HID * (4 + 2)  # float32 sums, then their float16 copies
+    staging = min(VOCAB * HID * 4, max(BLOCK // 4, MIN_STAGE_BYTES))
+    assert peak_bytes(run) <= grads + staging + scratch_blocks(backend, "forward_kl", fused=True) * BLOCK + BLOCK // 4
