@@ -7,11 +7,12 @@ labels out of range, and NaN / +-inf put into hidden states, weights and logits.
 a worker process, on the native C row step and on the eager torch one: a segfault or an abort
 kills the worker, not pytest, and fails the test with the case that did it (a new worker takes
 the next case). Where gcc has them, the worker's C step is built with AddressSanitizer and UBSan,
-so a stray read or an undefined float -> int conversion stops it too, crash or not. The worker compares with kernels.naive_distill_loss / naive_kl_div run in float64
-on the same rounded inputs: no output (loss, ce, kl, gradient entry) may be finite where the
-reference's is not; where the reference's is finite, ours must be within float rounding of it,
-or (only when a NaN or inf was put into the inputs) non-finite too, since a masked row enters our
-sums multiplied by 0, and 0 * NaN is NaN.
+so a stray read or an undefined float -> int conversion stops it too, crash or not. The worker
+compares with kernels.naive_distill_loss / naive_kl_div run in float64 on the same rounded
+inputs: no output (loss, ce, kl, gradient entry) may be finite where the reference's is not;
+where the reference's is finite, ours must be within float rounding of it, or (only when a NaN
+or inf was put into the inputs) non-finite too, since a masked row enters our sums multiplied
+by 0, and 0 * NaN is NaN.
 """
 import json
 import os
@@ -124,7 +125,8 @@ def compare(what, got, ref, tol, spread_ok):
         return f"{what}: finite where the reference is not ({got[~fin][:4].tolist()} vs {ref[~fin][:4].tolist()})"
     both = fin & torch.isfinite(got)
     if not spread_ok and not bool(both.equal(fin)):
-        return f"{what}: not finite where the reference is ({got[fin & ~both][:4].tolist()} vs {ref[fin & ~both][:4].tolist()})"
+        lost = fin & ~both
+        return f"{what}: not finite where the reference is ({got[lost][:4].tolist()} vs {ref[lost][:4].tolist()})"
     if not bool(both.any()):
         return None
     scale = max(float(ref[fin].abs().max()), 1e-3 if got.numel() == 1 else 1e-8)
