@@ -1,8 +1,9 @@
 """Resumable checkpoints that are complete or absent, never half-written.
 
 Layout under <output_dir>/checkpoints/:
-    step-000120/            a complete checkpoint (DeepSpeed engine state under tag "state" with
-                            each rank's RNG state, trainer.json with step/epoch/history, COMPLETE)
+    step-000120/            a complete checkpoint (DeepSpeed engine state under tag "state",
+                            rng-rank{R}.pt: each rank's RNG state, trainer.json with step/epoch/
+                            world size/batch geometry/history, COMPLETE)
     .tmp-step-000140/       being written; ignored by resume, removed at the next save
     .tmp-old-step-000080/   an old checkpoint being deleted; ignored likewise
 
@@ -34,6 +35,7 @@ from distill.guard import fsync_dir
 
 MARKER = "COMPLETE"
 TAG = "state"
+RNG_FILE = "rng-rank{rank}.pt"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -133,9 +135,11 @@ def save(engine, output_dir: str, step: int, trainer_state: dict[str, Any], *, r
     barrier()
     error = None
     try:
-        # RNG state is per rank (dropout streams differ by rank); DeepSpeed keeps client_state
-        # per rank alongside its own shards.
-        engine.save_checkpoint(tmp, tag=TAG, client_state={"rng": rng_state()}, save_latest=False)
+        engine.save_checkpoint(tmp, tag=TAG, save_latest=False)
+        # RNG state is per rank (dropout streams differ by rank). DeepSpeed's client_state lands
+        # in the model-states file that only data-parallel rank 0 writes, so each rank writes
+        # its own file next to DeepSpeed's shards.
+        torch.save(rng_state(), os.path.join(tmp, RNG_FILE.format(rank=rank)))
         faults.at("checkpoint_written", step=step, rank=rank, path=tmp)  # tests only
     except (OSError, RuntimeError) as exc:  # RuntimeError: how torch.save reports a full disk
         error = exc
@@ -166,15 +170,36 @@ def save(engine, output_dir: str, step: int, trainer_state: dict[str, Any], *, r
     return final
 
 
-def load(engine, path: str) -> dict[str, Any]:
-    """Load engine state (model, optimizer, scheduler, RNG) and return trainer.json's content."""
+def load(engine, path: str, *, rank: int = 0, world_size: int = 1,
+         geometry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load engine state (model, optimizer, scheduler) and this rank's RNG; return trainer.json's
+    content. A checkpoint saved with another world size or batch geometry (`geometry`: the
+    per-device batch and the accumulation) is refused: the sampler's shards, the data position
+    and the per-rank RNG streams all depend on them."""
     if not os.path.isfile(os.path.join(path, MARKER)):
         raise UserError(f"checkpoint {path!r} is incomplete or not a checkpoint (no {MARKER} marker); "
                         "pass a complete one or use --resume to pick the latest complete checkpoint")
     with open(os.path.join(path, "trainer.json"), encoding="utf-8") as fh:
         state = json.load(fh)
-    _, client = engine.load_checkpoint(path, tag=TAG, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
-    if client and "rng" in client:
+    saved_world = state.get("world_size")
+    if saved_world is not None and saved_world != world_size:
+        raise UserError(f"checkpoint {path} was saved by a run on {saved_world} rank(s); this run has "
+                        f"{world_size}: resume with {saved_world} rank(s) (the data order and each rank's "
+                        "RNG depend on it), or start a new run without --resume")
+    for key, now in (geometry or {}).items():
+        saved = state.get("geometry", {}).get(key)
+        if saved is not None and saved != now:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"checkpoint {path} was saved with {flag} {saved}; this run has {now}: "
+                            f"resume with {flag} {saved} (and the batch options of that run), or start a new run")
+    loaded, client = engine.load_checkpoint(path, tag=TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+    if loaded is None:  # DeepSpeed's way of saying it found nothing to load
+        raise UserError(f"DeepSpeed could not load the engine state from checkpoint {path} (tag {TAG}); "
+                        "the folder is damaged: pass another with --resume-from, or start a new run")
+    rng_file = os.path.join(path, RNG_FILE.format(rank=rank))
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    elif client and "rng" in client:  # a checkpoint from before per-rank RNG files
         set_rng_state(client["rng"])
     return state

@@ -221,8 +221,12 @@ class Distiller:
                     batch = self.batch_for(batch, branch, epoch * per_epoch + i)
                     loss, ce, kl, hidden = self.compute_loss(batch, branch)
                     loss = faults.at("train_loss", loss, step=step + 1, rank=self.rank)  # tests only
-                    finite = not any_rank(not torch.isfinite(loss).item(), self.device)
                     tokens = int((batch["labels"] != -100).sum())
+                    # One collective for both: whether any rank's loss is NaN/inf, and the
+                    # micro-batch's target tokens over all ranks (the counters hold global sums).
+                    bad, tokens_all = all_reduce_sum([0.0 if torch.isfinite(loss).item() else 1.0, tokens],
+                                                     self.device)
+                    finite = bad == 0
                     if not finite:
                         # Every rank skips this micro-batch together (the flag was all-reduced).
                         counters["bad_steps"] += 1
@@ -240,7 +244,7 @@ class Distiller:
                     self.student.step()
                     micro += 1
                     counters["samples"] += int(batch["input_ids"].size(0)) * self.world_size
-                    counters["tokens"] += tokens * self.world_size
+                    counters["tokens"] += int(tokens_all)
                     tokens_run += tokens
                     batches[branch] += 1
                     # CE is logged for dataset targets only: generated targets are trained without it.
@@ -298,10 +302,16 @@ class Distiller:
             self.log(f"micro-batches by targets: {on_policy.format_counts(batches)}", all_ranks=True)
         return {"interrupted": stop, "step": step, **state}
 
+    def geometry(self) -> dict[str, int]:
+        """What a resumed run must share with the run that saved (besides the world size)."""
+        return {"per_device_batch_size": self.cfg.per_device_batch_size,
+                "gradient_accumulation_steps": self.grad_accum}
+
     def save(self, step: int, epoch: int, state: dict[str, Any]) -> str:
         import torch.distributed as dist
 
-        trainer_state = {"step": step, "epoch": epoch, "world_size": self.world_size, **state}
+        trainer_state = {"step": step, "epoch": epoch, "world_size": self.world_size,
+                         "geometry": self.geometry(), **state}
         path = checkpoint.save(self.student, self.cfg.output_dir, step, trainer_state, rank=self.rank,
                                keep=self.cfg.save_total_limit, barrier=dist.barrier)
         self.log(f"saved checkpoint {path}")

@@ -111,14 +111,46 @@ def model_card(cfg, info: dict[str, Any], metrics: dict[str, Any]) -> str:
     return redact("\n".join(lines) + "\n")
 
 
+STAGING = ".export-partial"  # inside --output-dir while the export is written
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin")) or name.endswith((".safetensors.index.json", ".bin.index.json"))
+
+
 def export_student(student, tokenizer, cfg, info: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """Rank 0 only. ZeRO-2 keeps full parameters on every rank, so no gathering is needed."""
+    """Rank 0 only. ZeRO-2 keeps full parameters on every rank, so no gathering is needed.
+
+    Atomic in what matters: everything is written into OUTPUT/.export-partial first, the previous
+    export's weights are removed, the other files are renamed in, the weights last. A run stopped
+    at any point leaves a folder with the new complete model, or with no weights at all (never
+    new files beside old weights, never half a safetensors file); a later run removes the
+    staging folder.
+    """
+    import shutil
+
+    from distill import faults
+    from distill.guard import fsync_dir
+
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
-    student.save_pretrained(out)  # transformers 5 always writes safetensors
-    tokenizer.save_pretrained(out)
-    write_json(os.path.join(out, "distill_config.json"), cfg.to_dict())
-    write_json(os.path.join(out, "metrics.json"), metrics)
-    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as fh:
+    staging = os.path.join(out, STAGING)
+    shutil.rmtree(staging, ignore_errors=True)  # an earlier export that was stopped
+    os.makedirs(staging)
+    student.save_pretrained(staging)  # transformers 5 always writes safetensors
+    tokenizer.save_pretrained(staging)
+    write_json(os.path.join(staging, "distill_config.json"), cfg.to_dict())
+    write_json(os.path.join(staging, "metrics.json"), metrics)
+    with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as fh:
         fh.write(model_card(cfg, info, metrics))
+    fsync_dir(staging)
+    faults.at("export_staged", step=0, rank=0, path="export_staged")  # tests only
+    for name in os.listdir(out):  # the previous export's weights go first
+        if _is_weights(name) and os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    names = sorted(os.listdir(staging), key=lambda n: (_is_weights(n), n.endswith(".index.json")))
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    fsync_dir(out)
+    os.rmdir(staging)
     return out

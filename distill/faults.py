@@ -10,7 +10,12 @@ DISTILL_FAULT holds comma-separated KIND@STEP items, read once at import:
     kill_in_save@N     point "checkpoint_written": rank 0 SIGKILLs itself while saving step N,
                        after DeepSpeed wrote its shards, before the checkpoint is renamed
     enospc_in_save@N   point "checkpoint_written": the save of step N fails with ENOSPC
-Every kind but nan_from fires once per process. `step` is 1-based.
+    sigterm_in_PHASE@R point "phase": rank R sends itself SIGTERM as the run enters PHASE (data,
+                       teacher, eval, export, report; signals.Signals.enter), or as the export
+                       has staged its files (PHASE export_staged, point "export_staged")
+    sigint_in_PHASE@R  the same with SIGINT (Ctrl-C)
+Every kind but nan_from fires once per process. `step` is 1-based; for the phase kinds the
+number is the rank.
 """
 from __future__ import annotations
 
@@ -20,8 +25,10 @@ import re
 import signal
 
 FAULT_ENV = "DISTILL_FAULT"
-POINTS = ("train_loss", "checkpoint_written")
-_KINDS = re.compile(r"^(kill_in_save|enospc_in_save|nan|nan_from|raise_on_rank(\d+))@(\d+)$")
+POINTS = ("train_loss", "checkpoint_written", "phase", "export_staged")
+PHASES = ("data", "teacher", "eval", "export", "export_staged", "report")
+_KINDS = re.compile(r"^(kill_in_save|enospc_in_save|nan|nan_from|raise_on_rank(\d+)"
+                    r"|sig(term|int)_in_(" + "|".join(PHASES) + r"))@(\d+)$")
 
 
 class InjectedFault(RuntimeError):
@@ -33,7 +40,8 @@ def parse_faults(text: str) -> dict[str, int]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         if not _KINDS.match(item):
             raise ValueError(f"{FAULT_ENV}: cannot parse {item!r}; expected KIND@STEP with KIND one of "
-                             "kill_in_save, enospc_in_save, nan, nan_from, raise_on_rankR")
+                             "kill_in_save, enospc_in_save, nan, nan_from, raise_on_rankR, "
+                             f"sigterm_in_PHASE, sigint_in_PHASE (PHASE: {', '.join(PHASES)})")
         kind, step = item.rsplit("@", 1)
         faults[kind] = int(step)
     return faults
@@ -70,4 +78,8 @@ def at(point: str, value=None, *, step: int, rank: int, path: str | None = None)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)", path)
         if rank == 0 and _fire("kill_in_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
+    else:  # "phase" / "export_staged": `path` names the phase, `rank` selects the process
+        for name, sig in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
+            if _fire(f"{name}_in_{path}", rank):
+                os.kill(os.getpid(), sig)  # the handler runs before the next bytecode
     return value

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 if __package__ in (None, ""):  # `deepspeed distill/train.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -120,8 +121,10 @@ def loaders(cfg, tokenized, tokenizer, rank, world_size, grad_accum):
     return train_loader, sampler, eval_loader, steps_per_epoch
 
 
-def run(cfg: DistillConfig, lib=None) -> int:
+def run(cfg: DistillConfig, lib=None, signals=None) -> int:
     import torch
+
+    from distill.signals import Signals
 
     from distill import checkpoint, models
     from distill.distributed import init_distributed
@@ -138,10 +141,13 @@ def run(cfg: DistillConfig, lib=None) -> int:
         notice = ops_build_notice(load_ds_config(cfg.deepspeed, "--deepspeed"))
         if notice:
             print(notice, flush=True)
+    signals = signals or Signals()
+    signals.enter("starting the process group")
     rank, world_size, local_rank = init_distributed()
     log = Logger(rank, world_size)
     torch.manual_seed(cfg.seed)
     distiller = Distiller(cfg, rank=rank, world_size=world_size, local_rank=local_rank, log=log)
+    signals.enter("loading and tokenizing the data", "data")
     source, tokenizer, teacher_config, raw, tokenized = prepare(cfg, log)
     train_loader, sampler, eval_loader, steps_per_epoch = loaders(
         cfg, tokenized, tokenizer, rank, world_size, distiller.grad_accum)
@@ -164,6 +170,7 @@ def run(cfg: DistillConfig, lib=None) -> int:
 
     # The teacher's weights are needed to run it (alpha < 1) or to copy its layers; a labels-only
     # run from random weights uses only its config and tokenizer.
+    signals.enter("loading the teacher and building the student", "teacher")
     teacher = None
     if cfg.alpha < 1.0 or cfg.student_init == "teacher":
         teacher = distiller.load_teacher(source, teacher_config)
@@ -179,17 +186,20 @@ def run(cfg: DistillConfig, lib=None) -> int:
 
     start_step, state = 0, {}
     if resume_path:
-        state = checkpoint.load(distiller.student, resume_path)
+        state = checkpoint.load(distiller.student, resume_path, rank=rank, world_size=world_size,
+                                geometry=distiller.geometry())
         start_step = int(state.pop("step"))
-        state.pop("epoch", None)
-        state.pop("world_size", None)
+        for key in ("epoch", "world_size", "geometry"):
+            state.pop(key, None)
         log(f"resumed from {resume_path} at step {start_step}")
-    distiller.install_signal_handlers()
+    distiller.install_signal_handlers()  # in the loop: a flag, a checkpoint at the next step
     result = distiller.train(train_loader, sampler, eval_loader, start_step=start_step, state=state)
+    signals.resume()  # after it: a signal stops the run at once (distill/signals.py)
     if result["interrupted"]:
         log(f"interrupted at step {result['step']}; checkpoint saved. Resume with the same command plus "
             f"--resume (output dir {cfg.output_dir})", all_ranks=False)
         return EXIT_INTERRUPTED
+    signals.enter("running the final eval", "eval")
     final_eval = distiller.evaluate(eval_loader)
     hidden = f", hidden {final_eval['eval_hidden']:.4f}" if final_eval.get("eval_hidden") is not None else ""
     log(f"final eval loss {final_eval['eval_loss']:.4f} (ce {final_eval['eval_ce']:.4f}, "
@@ -205,11 +215,14 @@ def run(cfg: DistillConfig, lib=None) -> int:
         "student": info,
     }
     if rank == 0:
+        signals.enter("exporting the student", "export")
         export_student(distiller.student.module.model, tokenizer, cfg, info, metrics)
         what = "distilled student" if cfg.alpha < 1.0 else "model trained on labels only (alpha = 1)"
         log(f"{what} written to {cfg.output_dir}")
         if not cfg.skip_report:
+            signals.enter("writing the report", "report")
             _report(cfg, source, raw, log)
+    signals.enter("waiting for the other ranks to finish")
     _barrier()
     return 0
 
@@ -236,8 +249,10 @@ def _report(cfg, teacher_source, raw, log) -> None:
 
 def train(cfg: DistillConfig) -> int:
     """Run one distillation (or labels-only training) described by `cfg`; the programmatic entry
-    point (the demo uses it). Returns 0, or EXIT_INTERRUPTED after a signal; raises UserError."""
+    point (the demo uses it). Returns 0; after SIGTERM/SIGINT, EXIT_INTERRUPTED where a checkpoint
+    is there to resume from, else 143/130 (distill/signals.py); raises UserError."""
     from distill import logs
+    from distill.signals import Interrupted, Signals
 
     # Library noise goes to OUTPUT_DIR/library.log (ARCHITECTURE.md, "Logs"); a caller that
     # opened the library log already (the demo) keeps it open after this run.
@@ -246,10 +261,34 @@ def train(cfg: DistillConfig) -> int:
     try:
         # guard: one run per --output-dir; refused before this run writes anything
         with output_dir_lock(cfg.output_dir):
-            return run(cfg, lib)
+            signals, started = Signals().install(), time.time()
+            try:
+                return run(cfg, lib, signals)
+            except Interrupted as exc:
+                return _interrupted(cfg, exc, started)
+            finally:
+                signals.restore()
     finally:
         if opened_here:
             lib.close()
+
+
+def _interrupted(cfg: DistillConfig, exc, started: float) -> int:
+    """One line (rank 0) saying what the signal stopped and what is left; the exit code: 3 where
+    this run has a checkpoint to resume from (one it saved or resumed from), else 143/130."""
+    from distill import checkpoint
+
+    latest = checkpoint.latest_checkpoint(cfg.output_dir)
+    if latest and not (cfg.resume or cfg.resume_from) and os.path.getmtime(latest) < started:
+        latest = None  # an earlier run's checkpoint, which this fresh run would replace
+    if os.environ.get("RANK", "0") in ("", "0"):
+        if latest:
+            print(f"interrupted by {exc.name} while {exc.phase}; the last checkpoint is {latest}: "
+                  f"rerun the same command with --resume to continue", file=sys.stderr, flush=True)
+        else:
+            print(f"interrupted by {exc.name} while {exc.phase}; no checkpoint was saved, "
+                  f"so a rerun starts again", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED if latest else exc.exit_code
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+def pytest_configure(config):
+    # slow: an end-to-end run of a minute or more (the demo, multi-rank launches); still in CI.
+    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more (run in CI too)")
+
+
 WORDS = ("the cat dog bird sat ran flew on under mat home tree fast slow red blue green "
          "one two three four five").split()
 

@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 from types import SimpleNamespace
 
@@ -18,21 +17,11 @@ from distill.layer_match import LayerMatch, masked_mse
 from distill.objective import Objective
 from distill.toy import tiny_config
 from distill.train import main
+from launch_env import clean_env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def clean_env():
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _configs(model_type="bart", student_width=32):

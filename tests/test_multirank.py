@@ -10,15 +10,9 @@ import re
 import subprocess
 import sys
 
+from launch_env import clean_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def clean_env():
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    return env
 
 
 def common(workspace, out, teacher="bart"):

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -17,9 +16,9 @@ import pytest
 from distill import data, pseudo_label, pseudo_label_files as files
 from distill.errors import UserError
 from distill.train import main as train_main
+from launch_env import clean_env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def label_args(workspace, out, *extra, data_path=None):
@@ -45,17 +44,6 @@ def shard_texts(folder):
             for n in sorted(os.listdir(folder)) if n.endswith(".jsonl")}
 
 
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               **extra)
-    return env
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

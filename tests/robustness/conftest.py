@@ -15,25 +15,12 @@ import time
 
 import pytest
 
+from launch_env import clean_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAIN = os.path.join(ROOT, "main.py")
 FAKE_HF_TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"
 FAKE_API_KEY = "plain-secret-value-4711"
-# Launchers' variables would make a child think it is one rank of a bigger job.
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "CROSS_RANK", "CROSS_SIZE", "DISTILL_FAULT")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than 20 s (real training runs)")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
 
 @pytest.fixture(scope="session")
 def dropout_teacher(workspace, tmp_path_factory):
@@ -97,15 +84,18 @@ class Run:
 
 @pytest.fixture
 def start(run_args, tmp_path):
-    """start(out, *extra_args, fault=None, env=None) -> Run."""
+    """start(out, *extra_args, fault=None, env=None, drop=()) -> Run; `drop`: flags of RUN_ARGS
+    (without values) to leave out, e.g. ("--skip-report",)."""
     counter = [0]
 
-    def _start(out: str, *extra: str, fault: str | None = None, env: dict | None = None) -> Run:
+    def _start(out: str, *extra: str, fault: str | None = None, env: dict | None = None,
+               drop: tuple[str, ...] = ()) -> Run:
         counter[0] += 1
         extra_env = dict(env or {})
         if fault:
             extra_env["DISTILL_FAULT"] = fault
-        return Run([*run_args, *extra], out, clean_env(**extra_env), str(tmp_path / f"run{counter[0]}.log"))
+        base = [a for a in run_args if a not in drop]
+        return Run([*base, *extra], out, clean_env(**extra_env), str(tmp_path / f"run{counter[0]}.log"))
 
     return _start
 

@@ -201,13 +201,17 @@ class FakeEngine:
     def __init__(self, fail: Exception | None = None):
         self.fail = fail
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+    def save_checkpoint(self, save_dir, tag, client_state=None, save_latest=True):
         import torch
 
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        torch.save(client_state, os.path.join(save_dir, tag, "client.pt"))
+        torch.save(client_state or {}, os.path.join(save_dir, tag, "client.pt"))
         if self.fail:
             raise self.fail
+
+    def load_checkpoint(self, path, tag, **_):
+        # DeepSpeed returns (None, None) when it finds nothing to load
+        return (None, None) if self.fail else (os.path.join(path, tag), {})
 
 
 def _save(out, step, engine):
@@ -251,6 +255,47 @@ def test_old_checkpoints_are_retired_and_a_step_is_replaced_atomically(tmp_path)
     os.makedirs(os.path.join(checkpoint.checkpoints_dir(out), ".tmp-old-step-000002"))  # killed mid-delete
     _save(out, 8, FakeEngine())  # e.g. after --resume-from step 4: step 8 is written again
     assert sorted(os.listdir(checkpoint.checkpoints_dir(out))) == ["step-000008", "step-000012"]
+
+
+def test_each_rank_saves_and_restores_its_own_rng(tmp_path):
+    import torch
+
+    out = str(tmp_path / "out")
+    tmp = os.path.join(checkpoint.checkpoints_dir(out), ".tmp-step-000004")
+    nxt = {}
+
+    def barrier():  # at the first barrier every rank writes its part; rank 1's is simulated here
+        if 1 not in nxt:
+            torch.manual_seed(101)
+            os.makedirs(tmp, exist_ok=True)
+            torch.save(checkpoint.rng_state(), os.path.join(tmp, checkpoint.RNG_FILE.format(rank=1)))
+            nxt[1] = torch.rand(3)  # what rank 1's stream gives next after the save
+            torch.manual_seed(100)
+
+    path = checkpoint.save(FakeEngine(), out, 4, {"step": 4, "world_size": 2}, rank=0, keep=2, barrier=barrier)
+    nxt[0] = torch.rand(3)
+    assert sorted(n for n in os.listdir(path) if n.startswith("rng-")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        checkpoint.load(FakeEngine(), path, rank=rank, world_size=2)
+        assert torch.equal(torch.rand(3), nxt[rank])  # its own stream, not rank 0's
+    assert not torch.equal(nxt[0], nxt[1])
+
+
+def test_resume_with_another_world_size_or_geometry_or_a_damaged_state_is_refused(tmp_path):
+    out = str(tmp_path / "out")
+    path = checkpoint.save(FakeEngine(), out, 4,
+                           {"step": 4, "world_size": 2, "geometry": {"per_device_batch_size": 8,
+                                                                    "gradient_accumulation_steps": 1}},
+                           rank=0, keep=2, barrier=lambda: None)
+    with pytest.raises(UserError, match=r"saved by a run on 2 rank\(s\); this run has 1: resume with 2"):
+        checkpoint.load(FakeEngine(), path, rank=0, world_size=1)
+    with pytest.raises(UserError, match="saved with --per-device-batch-size 8; this run has 4"):
+        checkpoint.load(FakeEngine(), path, rank=0, world_size=2,
+                        geometry={"per_device_batch_size": 4, "gradient_accumulation_steps": 1})
+    with pytest.raises(UserError, match="could not load the engine state"):
+        checkpoint.load(FakeEngine(fail=RuntimeError("x")), path, rank=0, world_size=2)
+    assert checkpoint.load(FakeEngine(), path, rank=0, world_size=2)["step"] == 4
 
 
 def test_fault_spec_parsing():
