@@ -64,7 +64,8 @@ usage: bash launch.sh [--dry-run] [DEMO FLAGS...]
 
 With no arguments (or only flags) runs the offline demo: python -m distill.demo [FLAGS...]
 (--smoke, --cache-dir DIR, --output-dir DIR, --teacher-local-path DIR, --seed N,
---force-retrain-teacher, --ce-init scratch|teacher; see python -m distill.demo --help).
+--force-retrain-teacher, --ce-init teacher|scratch, --labeled-rows N|all, --compare;
+see python -m distill.demo --help).
 
 TEACHER is a preset or a local model folder (save_pretrained; passed as --teacher-local-path):
 $(for t in "${TEACHERS[@]}"; do read -r tl sl <<<"${T_LAYERS[$t]}"

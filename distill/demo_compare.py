@@ -79,7 +79,7 @@ def run_compare(train, teacher: str, task_dir: str, out: str, test: list[dict], 
 
     pseudo = None
     if any(METHODS[m].get("pseudo_labels") == PSEUDO for m in methods):
-        pseudo = make_pseudo_labels(teacher, task_dir, os.path.join(out, "compare", "pseudo-labels"),
+        pseudo = make_pseudo_labels(teacher, task_dir, os.path.join(out, "teacher-outputs"),
                                     rows=budget["rows"], max_len=max_len, log=log)
     setting = f"-labels{labeled_rows}" if labeled_rows else ""
     runs = {}
@@ -106,8 +106,13 @@ def run_compare(train, teacher: str, task_dir: str, out: str, test: list[dict], 
     result = summarize(runs, methods, seeds)
     result["labeled_rows"] = labeled_rows
     result["training_rows"] = budget["rows"]
-    write_compare(result, out, name="compare" + setting)
+    write_compare(result, out, name=compare_name(labeled_rows))
     return result
+
+
+def compare_name(labeled_rows: int | None) -> str:
+    """The table's file name (without .md/.json) for a setting."""
+    return "compare" + (f"-labels{labeled_rows}" if labeled_rows else "")
 
 
 def _trained(folder: str, options: dict) -> bool:
@@ -124,7 +129,8 @@ def _trained(folder: str, options: dict) -> bool:
 
 def make_pseudo_labels(teacher: str, task_dir: str, folder: str, *, rows: int, max_len: int, log=print) -> str:
     """The teacher's greedy outputs for the first `rows` training inputs (the rows the students
-    train on) and the validation inputs; kept when a previous comparison made the same ones."""
+    train on) and the validation inputs; kept when an earlier run made the same ones (same
+    teacher, data and options), replaced when they were made otherwise."""
     from distill import pseudo_label
     from distill.errors import UserError
 
@@ -133,7 +139,7 @@ def make_pseudo_labels(teacher: str, task_dir: str, folder: str, *, rows: int, m
                               "--dataset-local-path", task_dir, "--output-dir", folder,
                               "--max-source-length", str(max_len), "--max-new-tokens", str(max_len),
                               "--num-beams", "1", "--max-samples", str(rows),
-                              "--per-device-batch-size", "64"])
+                              "--per-device-batch-size", "64", "--overwrite-output-dir"])
     if code != 0:
         raise UserError(f"making the pseudo-labels in {folder} failed (exit {code}); see the lines above")
     return folder
