@@ -235,9 +235,9 @@ def main(argv=None) -> int:
         if args.teacher_local_path and not os.path.isfile(os.path.join(args.teacher_local_path, "config.json")):
             raise UserError(f"--teacher-local-path {args.teacher_local_path!r} holds no config.json; "
                             "pass a folder written by a previous demo or distill.train run")
-        if args.compare:
-            from distill import demo_compare
+        from distill import demo_compare
 
+        if args.compare:
             methods, seeds = demo_compare.parse_methods(args.methods), demo_compare.parse_seeds(args.seeds)
         os.makedirs(out, exist_ok=True)
         os.makedirs(cache_dir, exist_ok=True)
@@ -268,8 +268,6 @@ def main(argv=None) -> int:
             name = demo_compare.compare_name(labeled or None)
             print(f"\nfinished in {time.time() - start:.0f}s; table in {os.path.join(out, name + '.md')}")
             return 0
-
-        from distill import demo_compare
 
         stage(3, f"the teacher's greedy outputs for the {rows} training inputs (python -m distill.pseudo_label)")
         outputs = demo_compare.make_pseudo_labels(teacher, task_dir, os.path.join(out, "teacher-outputs"),

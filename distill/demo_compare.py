@@ -81,7 +81,7 @@ def run_compare(train, teacher: str, task_dir: str, out: str, test: list[dict], 
     if any(METHODS[m].get("pseudo_labels") == PSEUDO for m in methods):
         pseudo = make_pseudo_labels(teacher, task_dir, os.path.join(out, "teacher-outputs"),
                                     rows=budget["rows"], max_len=max_len, log=log)
-    setting = f"-labels{labeled_rows}" if labeled_rows else ""
+    setting = _setting(labeled_rows)
     runs = {}
     for seed in seeds:
         students = []
@@ -110,9 +110,14 @@ def run_compare(train, teacher: str, task_dir: str, out: str, test: list[dict], 
     return result
 
 
+def _setting(labeled_rows: int | None) -> str:
+    """The suffix that names a setting in folder and file names: "" or "-labelsN"."""
+    return f"-labels{labeled_rows}" if labeled_rows else ""
+
+
 def compare_name(labeled_rows: int | None) -> str:
     """The table's file name (without .md/.json) for a setting."""
-    return "compare" + (f"-labels{labeled_rows}" if labeled_rows else "")
+    return "compare" + _setting(labeled_rows)
 
 
 def _trained(folder: str, options: dict) -> bool:

@@ -115,7 +115,7 @@ STAGING = ".export-partial"  # inside --output-dir while the export is written
 
 
 def _is_weights(name: str) -> bool:
-    return name.endswith((".safetensors", ".bin")) or name.endswith((".safetensors.index.json", ".bin.index.json"))
+    return name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
 
 
 def export_student(student, tokenizer, cfg, info: dict[str, Any], metrics: dict[str, Any]) -> str:

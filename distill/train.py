@@ -121,10 +121,9 @@ def loaders(cfg, tokenized, tokenizer, rank, world_size, grad_accum):
     return train_loader, sampler, eval_loader, steps_per_epoch
 
 
-def run(cfg: DistillConfig, lib=None, signals=None) -> int:
+def run(cfg: DistillConfig, lib, signals) -> int:
+    """The run under train()'s lock; `signals` (signals.Signals, installed) is told each phase."""
     import torch
-
-    from distill.signals import Signals
 
     from distill import checkpoint, models
     from distill.distributed import init_distributed
@@ -141,7 +140,6 @@ def run(cfg: DistillConfig, lib=None, signals=None) -> int:
         notice = ops_build_notice(load_ds_config(cfg.deepspeed, "--deepspeed"))
         if notice:
             print(notice, flush=True)
-    signals = signals or Signals()
     signals.enter("starting the process group")
     rank, world_size, local_rank = init_distributed()
     log = Logger(rank, world_size)

@@ -264,7 +264,6 @@ def test_compare_trains_each_method_and_seed_with_its_options_and_scarce_labels(
     assert result["labeled_rows"] == 64 and (tmp_path / "compare-labels64.md").is_file()
 
 
-
 @pytest.mark.parametrize("value", ["x", "0", "-3", "99999"])
 def test_bad_labeled_rows_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, value):
     out = tmp_path / "out"
