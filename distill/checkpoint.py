@@ -14,7 +14,9 @@ atomic on POSIX, so a SIGKILL at any point leaves either the old set of complete
 the new one; old checkpoints are renamed away before they are deleted for the same reason. A
 failed write on any rank (disk full, permissions) leaves the complete checkpoints untouched and
 raises the same UserError on every rank, naming the folder, the reason and the free space.
-Resume = the highest step-N folder with a COMPLETE marker.
+Resume = the highest step-N folder with a COMPLETE marker. A run resumed from an older checkpoint
+(--resume-from) starts a new branch: at its first save, the checkpoints numbered after that save
+(the abandoned branch) are removed, so a later --resume can only pick the new branch.
 """
 from __future__ import annotations
 
@@ -54,6 +56,12 @@ def complete_checkpoints(output_dir: str) -> list[str]:
         if m and os.path.isfile(os.path.join(path, MARKER)):
             found.append((int(m.group(1)), path))
     return [p for _, p in sorted(found)]
+
+
+def stale_checkpoints(output_dir: str, step: int) -> list[str]:
+    """The complete checkpoints numbered `step` or later: when a run saves `step`, those belong
+    to a branch it abandoned by resuming from an older checkpoint."""
+    return [p for p in complete_checkpoints(output_dir) if int(_STEP.match(os.path.basename(p)).group(1)) >= step]
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -153,8 +161,10 @@ def save(engine, output_dir: str, step: int, trainer_state: dict[str, Any], *, r
         try:
             _fsync_write(os.path.join(tmp, "trainer.json"), json.dumps(trainer_state, indent=2))
             _fsync_write(os.path.join(tmp, MARKER), f"step {step}\n")
-            if os.path.exists(final):  # e.g. resumed from an older checkpoint with --resume-from
-                _retire(final)
+            # Numbered at or after this step: an abandoned branch (resumed from an older
+            # checkpoint with --resume-from); retired before the new one appears.
+            for old in stale_checkpoints(output_dir, step):
+                _retire(old)
             os.rename(tmp, final)
             fsync_dir(root)
         except OSError as exc:

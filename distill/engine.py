@@ -11,7 +11,9 @@ Facts (read these before changing the loop):
   DeepSpeed itself applies the optimizer at gradient-accumulation boundaries.
 - Data: DistributedSampler (each rank its own shard of one seeded permutation), drop_last so all
   ranks do the same number of steps; with --global-batch-size the global batch is the same
-  whatever the world size.
+  whatever the world size. An optimizer step is a window of grad_accum micro-batches; its
+  gradient is the token mean over the whole window on all ranks (Distiller.train), and the data
+  position (epoch, micro-batch) is checkpointed, not derived from the step count.
 - Both engines' forward returns decoder hidden states (models.HiddenStates); the lm_heads are
   applied chunk-wise inside the loss, so full-vocabulary logits are never built.
 - What a model is (heads, hidden states, partitioned tensors) is distill.models' knowledge; ZeRO's
@@ -182,6 +184,16 @@ class Distiller:
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, train_loader, sampler, eval_loader, *, start_step: int = 0,
               state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train from `start_step` to cfg.max_steps. An optimizer step takes a window of
+        `grad_accum` consecutive micro-batches on every rank; its gradient is the mean over the
+        target tokens of the whole window on all ranks (each micro-batch's token-mean loss is
+        weighted by its share of those tokens), so it does not depend on how the global batch is
+        split into ranks and micro-batches (what transformers does with num_items_in_batch).
+
+        A micro-batch with a NaN/inf loss (on any rank) is dropped from its window; a window with
+        no finite micro-batch makes no optimizer step. The data position (epoch, micro-batch) is
+        kept in the state, so a resume continues after the last window trained, skipped ones
+        counted."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -190,110 +202,67 @@ class Distiller:
         counters = state.setdefault("counters", {"samples": 0, "tokens": 0, "bad_steps": 0})
         # Micro-batches trained per rank by where their targets came from (alike on every rank).
         batches = state.setdefault("batches", dict.fromkeys(on_policy.BRANCHES, 0))
+        per_epoch = self.steps_per_epoch * self.grad_accum  # micro-batches per epoch, all ranks equal
+        # Where the data stands: saved with every checkpoint (checkpoints from before it: by step).
+        position = state.setdefault("data_position", [start_step // self.steps_per_epoch if self.steps_per_epoch else 0,
+                                                      (start_step % self.steps_per_epoch) * self.grad_accum
+                                                      if self.steps_per_epoch else 0])
         step = start_step
-        bad_in_row = 0
-        accum = [0.0] * 7  # loss, ce, kl, micro-batches, tokens, dataset micro-batches, hidden since last log
-        matching = cfg.hidden_loss_weight > 0
+        self.bad_in_row = 0
+        self.log_sums = [0.0] * 7  # loss, ce, kl, micro-batches, tokens, dataset micro-batches, hidden since last log
         t_log = time.time()
-        # The with-block closes the bar on every exit, so an error line never lands on the bar's line.
         distilling = self.teacher is not None
+        # The with-block closes the bar on every exit, so an error line never lands on the bar's line.
         with tqdm(total=self.total_steps, initial=step, disable=self.rank != 0,
                   desc="distill" if distilling else ("train (labels only)" if cfg.target_source == "reference"
                                                      else "train (teacher outputs)"),
                   dynamic_ncols=True) as bar:
-            micro = 0
-            epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
-            skip = (step % self.steps_per_epoch) * self.grad_accum if self.steps_per_epoch else 0
             self.student.train()
             t_start = time.time()
             tokens_run = 0
-            per_epoch = self.steps_per_epoch * self.grad_accum  # micro-batches per epoch, all ranks equal
             stop = False
             while step < self.total_steps and not stop:
+                epoch, skip = position
                 sampler.set_epoch(epoch)
+                window = []
                 for i, batch in enumerate(train_loader):
                     if i < skip:  # resume: same data order, skip what was already trained on
                         continue
                     if i >= per_epoch:
                         break
                     # A function of (seed, index): every rank takes the same branch (ZeRO-3 is collective).
-                    branch = self.targets.choose(epoch * per_epoch + i)
-                    batch = self.batch_for(batch, branch, epoch * per_epoch + i)
-                    loss, ce, kl, hidden = self.compute_loss(batch, branch)
-                    loss = faults.at("train_loss", loss, step=step + 1, rank=self.rank)  # tests only
-                    tokens = int((batch["labels"] != -100).sum())
-                    # One collective for both: whether any rank's loss is NaN/inf, and the
-                    # micro-batch's target tokens over all ranks (the counters hold global sums).
-                    bad, tokens_all = all_reduce_sum([0.0 if torch.isfinite(loss).item() else 1.0, tokens],
-                                                     self.device)
-                    finite = bad == 0
-                    if not finite:
-                        # Every rank skips this micro-batch together (the flag was all-reduced).
-                        counters["bad_steps"] += 1
-                        bad_in_row += 1
-                        self.log(f"warning: non-finite loss at step {step + 1}; micro-batch skipped "
-                                 f"({bad_in_row} in a row, {counters['bad_steps']} in total)")
-                        if bad_in_row >= cfg.max_bad_steps:
-                            self.save(step, epoch, state)
-                            raise BadLossError(
-                                f"{bad_in_row} steps in a row had a NaN/inf loss (last at step {step + 1}); "
-                                "try --bf16 instead of --fp16, a lower --learning-rate, or a lower --temperature")
+                    index = epoch * per_epoch + i
+                    branch = self.targets.choose(index)
+                    window.append((branch, self.batch_for(batch, branch, index)))
+                    if len(window) < self.grad_accum:
                         continue
-                    bad_in_row = 0
-                    self.student.backward(loss)
-                    self.student.step()
-                    micro += 1
-                    counters["samples"] += int(batch["input_ids"].size(0)) * self.world_size
-                    counters["tokens"] += int(tokens_all)
+                    position[:] = [epoch, i + 1] if i + 1 < per_epoch else [epoch + 1, 0]
+                    trained, tokens = self._train_window(window, step, counters, batches, state)
+                    window = []
                     tokens_run += tokens
-                    batches[branch] += 1
-                    # CE is logged for dataset targets only: generated targets are trained without it.
-                    on_data = branch == "dataset"
-                    accum = [accum[0] + float(loss.detach()), accum[1] + (float(ce) if on_data else 0.0),
-                             accum[2] + float(kl), accum[3] + 1, accum[4] + tokens, accum[5] + on_data,
-                             accum[6] + (float(hidden) if matching else 0.0)]
-                    if micro % self.grad_accum:
+                    if not trained:  # every micro-batch of the window was non-finite: no step
                         continue
                     step += 1
                     bar.update(1)
                     if step % cfg.logging_steps == 0 or step == self.total_steps:
-                        loss_s, ce_s, kl_s, count, toks, n_data, hidden_s = all_reduce_sum(accum, self.device)
-                        dt = max(time.time() - t_log, 1e-9)
-                        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else cfg.learning_rate
-                        entry = {"step": step, "loss": loss_s / count, **({"ce": ce_s / n_data} if n_data else {}),
-                                 "kl": kl_s / count, "tokens_per_s": toks / dt, "lr": lr}
-                        shown = {"loss": f"{entry['loss']:.3f}"}
-                        if "ce" in entry:  # absent when every micro-batch since the last log was generated
-                            shown["ce"] = f"{entry['ce']:.3f}"
-                        if distilling:  # without a teacher the KL term is not computed
-                            shown["kl"] = f"{entry['kl']:.3f}"
-                        if matching:  # layer matching's unweighted MSE (the loss holds W times it)
-                            entry["hidden"] = hidden_s / count
-                            shown["hidden"] = f"{entry['hidden']:.3f}"
-                        if self.targets.active:
-                            entry["batches"] = dict(batches)
-                            shown["batches"] = on_policy.format_counts(batches)
+                        entry = self._log_entry(step, time.time() - t_log, batches)
                         history.append(entry)
-                        bar.set_postfix(**shown, tok_s=f"{entry['tokens_per_s']:.0f}")
-                        accum = [0.0] * 7
+                        bar.set_postfix(**self._shown(entry), tok_s=f"{entry['tokens_per_s']:.0f}")
                         t_log = time.time()
                     if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
                         metrics = self.evaluate(eval_loader)
                         history.append({"step": step, **metrics})
                         self.log(f"step {step}: eval loss {metrics['eval_loss']:.4f} (ce {metrics['eval_ce']:.4f}, "
                                  f"kl {metrics['eval_kl']:.4f}"
-                                 + (f", hidden {metrics['eval_hidden']:.4f})" if matching else ")"))
+                                 + (f", hidden {metrics['eval_hidden']:.4f})" if cfg.hidden_loss_weight > 0 else ")"))
                     # A signal on any rank stops all of them at the same step boundary.
                     stop = any_rank(self.stop_signal is not None, self.device)
                     if (cfg.save_steps and step % cfg.save_steps == 0) or stop:
-                        self.save(step, epoch, state)
+                        self.save(step, position[0], state)
                     if stop or step >= self.total_steps:
                         break
                 else:
-                    epoch, skip = epoch + 1, 0
-                    continue
-                if i >= per_epoch:
-                    epoch, skip = epoch + 1, 0
+                    position[:] = [epoch + 1, 0]  # the epoch's last window is done (or it had none)
             if not stop:
                 elapsed = time.time() - t_start
                 state["train_seconds"] = state.get("train_seconds", 0.0) + elapsed
@@ -301,6 +270,103 @@ class Distiller:
         if self.targets.active:  # every rank prints its counts (below the closed bar): alike on all ranks
             self.log(f"micro-batches by targets: {on_policy.format_counts(batches)}", all_ranks=True)
         return {"interrupted": stop, "step": step, **state}
+
+    def _train_window(self, window, step: int, counters: dict, batches: dict, state: dict) -> tuple[bool, int]:
+        """Forward/backward every micro-batch of one optimizer step's window, then the optimizer
+        step. Returns (whether the optimizer stepped, target tokens trained on this rank)."""
+        cfg = self.cfg
+        counts = [int((batch["labels"] != -100).sum()) for _, batch in window]
+        # The window's target tokens over all ranks: the denominator of the step's token mean.
+        window_tokens = all_reduce_sum([sum(counts)], self.device)[0]
+        scale_per_token = self.world_size * self.grad_accum / max(window_tokens, 1.0)
+        trained = False
+        tokens_run = 0
+        for k, ((branch, batch), tokens) in enumerate(zip(window, counts)):
+            last = k == len(window) - 1
+            # DeepSpeed is told where the step's boundary is: the window's last micro-batch,
+            # whichever of them are dropped (set before each forward/backward, as it asks).
+            self.student.set_gradient_accumulation_boundary(last)
+            loss, ce, kl, hidden = self.compute_loss(batch, branch)
+            loss = faults.at("train_loss", loss, step=step + 1, rank=self.rank, micro=k)  # tests only
+            # One collective for both: whether any rank's loss is NaN/inf, and the micro-batch's
+            # target tokens over all ranks (the counters hold global sums).
+            bad, tokens_all = all_reduce_sum([0.0 if torch.isfinite(loss).item() else 1.0, tokens], self.device)
+            if bad:
+                # Every rank drops this micro-batch together (the flag was all-reduced).
+                counters["bad_steps"] += 1
+                self.bad_in_row += 1
+                self.log(f"warning: non-finite loss at step {step + 1}; micro-batch skipped "
+                         f"({self.bad_in_row} in a row, {counters['bad_steps']} in total)")
+                if self.bad_in_row >= cfg.max_bad_steps:
+                    self.save(step, state["data_position"][0], state)
+                    raise BadLossError(
+                        f"{self.bad_in_row} steps in a row had a NaN/inf loss (last at step {step + 1}); "
+                        "try --bf16 instead of --fp16, a lower --learning-rate, or a lower --temperature")
+                if not (last and trained):
+                    continue
+                # The window's last micro-batch, after finite ones: a zero-gradient backward, so the
+                # boundary's gradient reduction and the optimizer step still happen.
+                self.student.backward(sum(p.sum() for p in self.student.module.parameters() if p.requires_grad) * 0.0)
+                self.student.step()
+                continue
+            self.bad_in_row = 0
+            self.student.backward(loss * (tokens * scale_per_token))
+            self.student.step()
+            trained = True
+            counters["samples"] += int(batch["input_ids"].size(0)) * self.world_size
+            counters["tokens"] += int(tokens_all)
+            tokens_run += tokens
+            batches[branch] += 1
+            # CE is logged for dataset targets only: generated targets are trained without it.
+            on_data = branch == "dataset"
+            s = self.log_sums
+            self.log_sums = [s[0] + float(loss.detach()), s[1] + (float(ce) if on_data else 0.0), s[2] + float(kl),
+                             s[3] + 1, s[4] + tokens, s[5] + on_data,
+                             s[6] + (float(hidden) if hidden is not None else 0.0)]
+        return trained, tokens_run
+
+    def _log_entry(self, step: int, seconds: float, batches: dict) -> dict:
+        """The history entry of the micro-batches since the last one (sums over all ranks)."""
+        loss_s, ce_s, kl_s, count, toks, n_data, hidden_s = all_reduce_sum(self.log_sums, self.device)
+        self.log_sums = [0.0] * 7
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.learning_rate
+        entry = {"step": step, "loss": loss_s / max(count, 1), **({"ce": ce_s / n_data} if n_data else {}),
+                 "kl": kl_s / max(count, 1), "tokens_per_s": toks / max(seconds, 1e-9), "lr": lr}
+        if self.cfg.hidden_loss_weight > 0:  # layer matching's unweighted MSE (the loss holds W times it)
+            entry["hidden"] = hidden_s / max(count, 1)
+        if self.targets.active:
+            entry["batches"] = dict(batches)
+        return entry
+
+    def _shown(self, entry: dict) -> dict:
+        """The progress bar's figures for a history entry."""
+        shown = {"loss": f"{entry['loss']:.3f}"}
+        if "ce" in entry:  # absent when every micro-batch since the last log was generated
+            shown["ce"] = f"{entry['ce']:.3f}"
+        if self.teacher is not None:  # without a teacher the KL term is not computed
+            shown["kl"] = f"{entry['kl']:.3f}"
+        if "hidden" in entry:
+            shown["hidden"] = f"{entry['hidden']:.3f}"
+        if "batches" in entry:
+            shown["batches"] = on_policy.format_counts(entry["batches"])
+        return shown
+
+    # ---- after training ----------------------------------------------------------------------
+    def release_student(self):
+        """Free the student engine, its optimizer and scheduler (after the export), so the report's
+        models never sit beside them. Returns the teacher model when it runs partitioned (ZeRO-3),
+        for the report's generation; release_teacher frees it."""
+        import gc
+
+        self.student = self.optimizer = self.scheduler = None
+        gc.collect()
+        return self.teacher_model if self.teacher_stage == 3 else None
+
+    def release_teacher(self):
+        import gc
+
+        self.teacher = self.teacher_model = None
+        gc.collect()
 
     def geometry(self) -> dict[str, int]:
         """What a resumed run must share with the run that saved (besides the world size)."""

@@ -147,6 +147,18 @@ def _out_of_memory_is_user_error(batch_size):
                         f"--batch-size (or --max-source-length / --max-new-tokens)") from None
 
 
+def _parameters_from_config(path: str, trust_remote_code: bool) -> int:
+    """A model's parameter count (tied weights once) from its config alone: built on the meta
+    device, so no memory is used for weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
 def _ratio(num, den):
     return num / den if num is not None and den else None
 
@@ -155,7 +167,8 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
                references: list[str], output_dir: str, *, teacher_name="teacher",
                main_metric="auto", source_prefix="", max_source_length=512, max_new_tokens=128,
                batch_size=32, num_beams=4, speed_repeats=5, skip_speed=False, device=None,
-               trust_remote_code=False, log=print) -> dict:
+               trust_remote_code=False, teacher_outputs: list[str] | None = None,
+               teacher_outputs_from: str | None = None, log=print) -> dict:
     """Evaluate the teacher and each student on `sources`; write report.md, report.json and
     quality_vs_speed.png into `output_dir`; return the report.json content.
 
@@ -165,6 +178,11 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
     teacher: speedup_b1 (greedy batch-1 p50 latency ratio), speedup_b32 (throughput ratio at
     `batch_size`, 32 by default) and quality_retention (student's main metric / teacher's).
     Raises UserError on bad input, before anything is written.
+
+    `teacher_outputs`: the teacher's greedy outputs for `sources`, made elsewhere (the trainer's
+    report, where the teacher stays partitioned over the ranks: `teacher_outputs_from` says how).
+    The teacher is then never loaded: its quality comes from them, its speed and memory are not
+    measured (nor the speedups), its size is counted from its config.
     """
     import torch
 
@@ -194,8 +212,14 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
     main_metric = pick_main_metric(main_metric, references, sources)
     device = _resolve_device(device)
 
+    if teacher_outputs is not None and len(teacher_outputs) != len(sources):
+        raise UserError(f"{len(teacher_outputs)} teacher outputs for {len(sources)} sources")
     entries = []
     for name, role, path in named:
+        if role == "teacher" and teacher_outputs is not None:
+            log(f"evaluate: {role} {name!r}: outputs given ({teacher_outputs_from or 'made elsewhere'})")
+            entries.append({"name": name, "role": role, "path": path, "model": None, "tokenizer": None})
+            continue
         log(f"evaluate: loading {role} {name!r} from {path}")
         model, tokenizer = _load(os.path.expanduser(path), role, device, trust_remote_code)
         entries.append({"name": name, "role": role, "path": path, "model": model,
@@ -205,24 +229,31 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
     predictions = {}
     with torch.inference_mode(), _out_of_memory_is_user_error(batch_size):
         for e in entries:
-            log(f"evaluate: {e['name']} greedy outputs for {len(sources)} samples")
-            predictions[e["name"]] = _predict(
-                e, sources, prefix=source_prefix, max_source_length=max_source_length,
-                max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
             disk = _size_on_disk(os.path.expanduser(e["path"]))
+            if e["model"] is None:  # outputs given: nothing is loaded, the size comes from the config
+                predictions[e["name"]] = [text.strip() for text in teacher_outputs]
+                sizes = {"dtype": None, "parameters": _parameters_from_config(os.path.expanduser(e["path"]),
+                                                                              trust_remote_code),
+                         "weights_mb": None}
+            else:
+                log(f"evaluate: {e['name']} greedy outputs for {len(sources)} samples")
+                predictions[e["name"]] = _predict(
+                    e, sources, prefix=source_prefix, max_source_length=max_source_length,
+                    max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+                sizes = {"dtype": str(next(e["model"].parameters()).dtype).replace("torch.", ""),
+                         "parameters": sum(p.numel() for p in e["model"].parameters()),
+                         "weights_mb": weights_bytes(e["model"]) / MB}
             models[e["name"]] = {
                 "role": e["role"],
                 "path": e["path"],
-                "dtype": str(next(e["model"].parameters()).dtype).replace("torch.", ""),
-                "parameters": sum(p.numel() for p in e["model"].parameters()),
-                "weights_mb": weights_bytes(e["model"]) / MB,
+                **sizes,
                 "size_on_disk_mb": disk / MB if disk is not None else None,
                 **compute_metrics(predictions[e["name"]], references),
             }
         speed = {}
         if not skip_speed:
             speed = measure_speed(
-                {e["name"]: (e["model"], e["tokenizer"]) for e in entries}, sources,
+                {e["name"]: (e["model"], e["tokenizer"]) for e in entries if e["model"] is not None}, sources,
                 source_prefix=source_prefix, max_source_length=max_source_length,
                 max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams,
                 repeats=speed_repeats, device=device, log=log)
@@ -258,6 +289,7 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
             "source_prefix": source_prefix,
             "memory_method": memory_method(device),
             "torch": torch.__version__,
+            "teacher_outputs_from": teacher_outputs_from if teacher_outputs is not None else None,
         },
         "examples": [{"row": i, "source": sources[i], "reference": references[i],
                       "outputs": {n: predictions[n][i] for n in predictions}}

@@ -5,6 +5,8 @@
 returns `value` unchanged (one dict check) unless DISTILL_FAULT arms a fault for that point.
 DISTILL_FAULT holds comma-separated KIND@STEP items, read once at import:
     nan@N              point "train_loss": the loss of the first micro-batch of step N is NaN
+    nan_second@N       point "train_loss": the loss of the second micro-batch of step N's
+                       accumulation window is NaN (a step of several micro-batches)
     nan_from@N         point "train_loss": every loss from step N on is NaN
     raise_on_rankR@N   point "train_loss": rank R raises InjectedFault at step N (a crashing rank)
     kill_in_save@N     point "checkpoint_written": rank 0 SIGKILLs itself while saving step N,
@@ -27,7 +29,7 @@ import signal
 FAULT_ENV = "DISTILL_FAULT"
 POINTS = ("train_loss", "checkpoint_written", "phase", "export_staged")
 PHASES = ("data", "teacher", "eval", "export", "export_staged", "report")
-_KINDS = re.compile(r"^(kill_in_save|enospc_in_save|nan|nan_from|raise_on_rank(\d+)"
+_KINDS = re.compile(r"^(kill_in_save|enospc_in_save|nan|nan_second|nan_from|raise_on_rank(\d+)"
                     r"|sig(term|int)_in_(" + "|".join(PHASES) + r"))@(\d+)$")
 
 
@@ -40,7 +42,7 @@ def parse_faults(text: str) -> dict[str, int]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         if not _KINDS.match(item):
             raise ValueError(f"{FAULT_ENV}: cannot parse {item!r}; expected KIND@STEP with KIND one of "
-                             "kill_in_save, enospc_in_save, nan, nan_from, raise_on_rankR, "
+                             "kill_in_save, enospc_in_save, nan, nan_second, nan_from, raise_on_rankR, "
                              f"sigterm_in_PHASE, sigint_in_PHASE (PHASE: {', '.join(PHASES)})")
         kind, step = item.rsplit("@", 1)
         faults[kind] = int(step)
@@ -63,15 +65,16 @@ def _fire(kind: str, step: int) -> bool:
     return True
 
 
-def at(point: str, value=None, *, step: int, rank: int, path: str | None = None):
-    """`value`, or what the armed fault makes of it at `point` (see the module docstring)."""
+def at(point: str, value=None, *, step: int, rank: int, path: str | None = None, micro: int = 0):
+    """`value`, or what the armed fault makes of it at `point` (see the module docstring);
+    `micro`: the micro-batch's place in its step's accumulation window (point "train_loss")."""
     if not _FAULTS:
         return value
     assert point in POINTS, point
     if point == "train_loss":
         if _fire(f"raise_on_rank{rank}", step):
             raise InjectedFault(f"injected fault ({FAULT_ENV}): rank {rank} crashed at step {step}")
-        if _fire("nan_from", step) or _fire("nan", step):
+        if _fire("nan_from", step) or _fire("nan", step) or (micro == 1 and _fire("nan_second", step)):
             return value * float("nan")
     elif point == "checkpoint_written":
         if _fire("enospc_in_save", step):

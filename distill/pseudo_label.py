@@ -208,6 +208,32 @@ class _Generator:
             self([text])
 
 
+def generate_partitioned(model, tokenizer, cfg, sources: list[str], *, rank: int, world_size: int, device,
+                         max_new_tokens: int) -> list[str] | None:
+    """Greedy outputs for `sources` from a teacher partitioned over the ranks (ZeRO-3): every rank
+    calls this, generates its share (rows rank, rank + world_size, ...) with the others in
+    lockstep (synced_gpus; a rank that runs out of batches makes dummy calls), and rank 0 gets all
+    outputs in input order (None elsewhere). Used by the trainer's report, so that no rank ever
+    holds the whole teacher."""
+    import types
+
+    opts = types.SimpleNamespace(num_beams=1, max_new_tokens=max_new_tokens, do_sample=False)
+    gen = _Generator(model, tokenizer, cfg, opts, device, synced=world_size > 1)
+    mine = list(range(rank, len(sources), world_size))
+    batches = gen.batches([sources[i] for i in mine])
+    calls = max(_all_gather(len(batches), world_size))
+    outputs = {}
+    for idx in batches:
+        for i, text in zip(idx, gen([sources[mine[j]] for j in idx])):
+            outputs[mine[i]] = text
+    gen.idle(calls - len(batches), sources[0])
+    shares = _all_gather(outputs, world_size)
+    if rank != 0:
+        return None
+    merged = {i: text for share in shares for i, text in share.items()}
+    return [merged[i] for i in range(len(sources))]
+
+
 def _load_teacher(cfg, source, teacher_config, prec, device, stage):
     import torch
 
@@ -225,6 +251,12 @@ def _load_teacher(cfg, source, teacher_config, prec, device, stage):
     engine, *_ = deepspeed.initialize(model=teacher, config=ds_conf)
     engine.eval()
     return engine.module  # generate() on the module; the engine's hooks gather each layer
+
+
+def load_partitioned_teacher(cfg, source, teacher_config, prec, device):
+    """The teacher under ZeRO-3 inference (each rank reads and keeps only its partition), ready
+    for generate_partitioned."""
+    return _load_teacher(cfg, source, teacher_config, prec, device, 3)
 
 
 def _all_gather(obj, world_size: int) -> list:

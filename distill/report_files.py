@@ -162,7 +162,7 @@ def write_report(report, output_dir, log):
     teacher = next(n for n, m in models.items() if m["role"] == "teacher")
     headline = report["headline_student"]
     students = [n for n, m in models.items() if m["role"] == "student"]
-    dtypes = {m["dtype"] for m in models.values()}
+    dtypes = {m["dtype"] for m in models.values() if m["dtype"]}
     lines = [
         f"# {teacher} vs {', '.join(students)}", "",
         *[f"- **{name}**: {m['role']}{' (headline)' if name == headline else ''}, "
@@ -180,6 +180,9 @@ def write_report(report, output_dir, log):
         f"- Quality: greedy decoding, up to {s['max_new_tokens']} new tokens, sources truncated "
         f"to {s['max_source_length']} tokens, prefix {s['source_prefix']!r}; each model uses its "
         f"own tokenizer. ROUGE F1 (rouge-score, stemmed), sacrebleu corpus BLEU and chrF.",
+        *([f"- The teacher's outputs were {s['teacher_outputs_from']}; its speed and memory are not "
+            "measured here (so neither are the speedups): run `python -m distill.evaluate` where one "
+            "device holds the whole teacher."] if s.get("teacher_outputs_from") else []),
         *_speed_lines(s),
         "- Size: parameter count (tied weights once) and weight files on disk.", "",
         "## Examples", "", *_example_lines(report)]

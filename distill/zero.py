@@ -43,10 +43,35 @@ def gathered(params):
         yield
 
 
+MMAP_THRESHOLD = 128 << 10  # bytes (glibc's own starting value); see return_freed_blocks_to_os
+
+
+def return_freed_blocks_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc serve allocations of `threshold` bytes or more with mmap, so that freeing one
+    gives its memory back at once (process-wide; False where glibc's mallopt is not there).
+
+    Why: a partitioned teacher's layers exist whole only while ZeRO-3 has them gathered, for
+    loading, each forward and each generation step. glibc raises its mmap threshold to the size
+    of the first such block freed (up to 32 MiB) and keeps later ones in its heap, so on a
+    teacher whose layers are a few MiB each the freed gathers stayed in the rank's memory: 2.5x
+    the partition's worth on 2 CPU ranks (README, "Memory"). Blocks over 32 MiB are mmapped
+    anyway; this only fixes the threshold at `threshold`."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 @contextlib.contextmanager
 def zero3_loading(ds_config: dict | None):
     """transformers' from_pretrained loads partitioned (ZeRO-3 init) inside this block when
     `ds_config` is given (a ZeRO stage 3 DeepSpeed config); plain loading when it is None.
+    Partitioned loading also fixes glibc's mmap threshold (return_freed_blocks_to_os), so the
+    gathered layers' memory goes back when they are released.
 
     The switch is gone again on exit, so a model built afterwards (the student) is not partitioned.
     """
@@ -54,6 +79,7 @@ def zero3_loading(ds_config: dict | None):
     if ds_config is not None:
         from transformers.integrations import HfDeepSpeedConfig
 
+        return_freed_blocks_to_os()
         switch = HfDeepSpeedConfig(ds_config)
     try:
         yield

@@ -55,24 +55,57 @@ def test_deepspeed_two_ranks_partitions_teacher_and_trains(workspace, tmp_path):
     assert "Attempting to get learning rate" in open(os.path.join(out, "library.log")).read()
 
 
-def test_one_and_two_ranks_give_close_loss_curves(workspace, tmp_path):
-    """Same data, seed and global batch (8): 1 rank accumulates 2 micro-batches of 4, 2 ranks take
-    one micro-batch of 4 each (launched with torchrun). The curves differ only by how the global
-    batch is grouped into micro-batches (per-micro-batch token means), so they agree closely."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = ["--max-steps", "10", "--per-device-batch-size", "4", "--global-batch-size", "8"]
-    rc, log = launch([sys.executable, "main.py"] + common(workspace, one, "t5") + args)
-    assert rc == 0, log[-4000:]
-    rc, log = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "main.py"]
-                     + common(workspace, two, "t5") + args)
-    assert rc == 0, log[-4000:]
-    a, ma = losses(one)
-    b, mb = losses(two)
-    assert ma["world_size"] == 1 and mb["world_size"] == 2
-    assert len(a) == len(b) == 5
-    for x, y in zip(a, b):
-        assert abs(x - y) <= 0.02 * abs(x), (a, b)
-    assert abs(ma["final_eval"]["eval_loss"] - mb["final_eval"]["eval_loss"]) <= 0.02 * ma["final_eval"]["eval_loss"]
+def varied_length_data(folder) -> str:
+    """Targets of 1 to 12 words: micro-batches then differ a lot in target tokens, which is where
+    a per-micro-batch token mean would weigh tokens unequally."""
+    import random
+
+    # The tiny teachers' tokenizers were trained on these words (tests/conftest.py).
+    vocab = "the cat dog bird sat ran flew on under mat home tree fast slow red blue green one two".split()
+    rng = random.Random(5)
+    os.makedirs(folder)
+    for split, n in (("train", 96), ("validation", 16), ("test", 8)):
+        with open(os.path.join(folder, f"{split}.jsonl"), "w", encoding="utf-8") as fh:
+            for _ in range(n):
+                words = [rng.choice(vocab) for _ in range(rng.randint(4, 12))]
+                row = {"article": " ".join(words), "highlights": " ".join(words[:rng.randint(1, len(words))])}
+                fh.write(json.dumps(row) + "\n")
+    return folder
+
+
+def student_weights(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def test_gradient_is_the_token_mean_of_the_global_batch_however_it_is_split(workspace, tmp_path):
+    """Global batch 8 taken as 1 micro-batch of 8 on 1 rank (the plain token mean) and as 2
+    micro-batches of 2 on each of 2 ranks (torchrun): same data per step, so the students must
+    end the same. Weighting each micro-batch's own token mean equally (the bug transformers fixed
+    with num_items_in_batch) left the split run's weights 3e-4 from the reference on average
+    (8e-3 at most); the token-weighted steps end 6e-10 (1.4e-7) away. (1 rank x 4 micro-batches
+    measured the same: 7e-10.)"""
+    data = varied_length_data(str(tmp_path / "data"))
+    runs = {"one_micro_batch": (1, "8"), "two_ranks_accum_2": (2, "2")}
+    weights, evals = {}, {}
+    for name, (ranks, per_device) in runs.items():
+        out = str(tmp_path / name)
+        launcher = ([sys.executable] if ranks == 1 else
+                    [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"])
+        args = common(workspace, out) + ["--dataset-local-path", data, "--max-steps", "6", "--global-batch-size", "8",
+                                         "--per-device-batch-size", per_device, "--alpha", "0.5"]
+        rc, log = launch(launcher + ["main.py"] + args)
+        assert rc == 0, log[-4000:]
+        weights[name] = student_weights(out)
+        evals[name] = losses(out)[1]["final_eval"]["eval_loss"]
+    ref = weights["one_micro_batch"]
+    for name in ("two_ranks_accum_2",):
+        # Only rounding may differ (sums in another order); Adam's first steps, which move each
+        # weight by about the learning rate (3e-3) whatever its gradient, amplify it a little.
+        diff = max(float((weights[name][k] - ref[k]).abs().max()) for k in ref)
+        mean = sum(float((weights[name][k] - ref[k]).abs().sum()) for k in ref) / sum(v.numel() for v in ref.values())
+        assert mean < 1e-7 and diff < 1e-5, (name, mean, diff)
+        assert abs(evals[name] - evals["one_micro_batch"]) < 1e-5 * evals["one_micro_batch"], evals
 
 
 def test_world_size_that_does_not_divide_global_batch(workspace, tmp_path):

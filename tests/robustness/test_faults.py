@@ -134,6 +134,45 @@ def test_nan_loss_is_skipped_then_too_many_in_a_row_save_and_stop(start, tmp_pat
     assert all(h["loss"] == h["loss"] for h in state["history"] if "loss" in h)  # no NaN got in
 
 
+@pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
+def test_resume_after_a_skipped_micro_batch_continues_the_data_and_drops_the_abandoned_branch(start, tmp_path):
+    """A dropped micro-batch (NaN at step 3) makes data run one micro-batch ahead of the step count.
+    Resuming from step 4 must continue after the data trained, not where the step count points
+    (that replays one micro-batch and changes every later loss). The resumed run saves at other
+    steps (6, 9, 12): the first run's step-8 and step-12 checkpoints are an abandoned branch that
+    a later --resume must never pick."""
+    out = str(tmp_path / "out")
+    first = start(out, fault="nan@3")
+    assert first.wait() == 0, first.text()[-3000:]
+    reference = first.metrics()
+    assert reference["bad_steps"] == 1 and reference["steps"] == 12
+    resumed = start(out, "--resume-from", ckpt(out, 4), "--save-steps", "3")
+    assert resumed.wait() == 0, resumed.text()[-3000:]
+    assert "checkpoints after it (step-000008, step-000012) belong to the run it branched from" in resumed.text()
+    got, want = train_losses(resumed.metrics()), train_losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 13))
+    for (step, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=REL_TOL), f"train loss differs at step {step}: {a} vs {b}"
+    assert [os.path.basename(p) for p in checkpoint.complete_checkpoints(out)] == [
+        "step-000006", "step-000009", "step-000012"]
+
+
+@pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
+def test_nan_in_an_accumulation_window_drops_that_micro_batch_only(start, tmp_path):
+    """Steps of 2 micro-batches (global batch 16): a NaN in the first micro-batch of step 3 and in
+    the second of step 5 (the window's last: a zero backward keeps DeepSpeed's boundary) each drop
+    one micro-batch; both steps still happen, 12 in all, on the same data as without the NaNs."""
+    out = str(tmp_path / "out")
+    run = start(out, "--global-batch-size", "16", fault="nan@3,nan_second@5")
+    assert run.wait() == 0, run.text()[-3000:]
+    text, metrics = run.text(), run.metrics()
+    assert text.count("warning: non-finite loss at step 3;") == 1
+    assert text.count("warning: non-finite loss at step 5;") == 1
+    assert metrics["steps"] == 12 and metrics["bad_steps"] == 2
+    assert metrics["samples_seen"] == 12 * 16 - 2 * 8
+    assert all(h["loss"] == h["loss"] for h in metrics["history"] if "loss" in h)
+
+
 def test_second_run_on_a_locked_output_dir_is_refused_before_writing(run_args, tmp_path, repo_root, child_env):
     out = tmp_path / "out"
     out.mkdir()
@@ -254,7 +293,8 @@ def test_old_checkpoints_are_retired_and_a_step_is_replaced_atomically(tmp_path)
     assert checkpoint.complete_checkpoints(out) == [ckpt(out, 8), ckpt(out, 12)]
     os.makedirs(os.path.join(checkpoint.checkpoints_dir(out), ".tmp-old-step-000002"))  # killed mid-delete
     _save(out, 8, FakeEngine())  # e.g. after --resume-from step 4: step 8 is written again
-    assert sorted(os.listdir(checkpoint.checkpoints_dir(out))) == ["step-000008", "step-000012"]
+    # ... and step 12 belonged to the branch that run abandoned: gone, so --resume cannot pick it.
+    assert sorted(os.listdir(checkpoint.checkpoints_dir(out))) == ["step-000008"]
 
 
 def test_each_rank_saves_and_restores_its_own_rng(tmp_path):
