@@ -57,8 +57,16 @@ def scratch_blocks(backend, divergence, fused):
     return n
 
 
+def _one_divergence_under_the_interpreter(divergence, backend):
+    """Triton's CPU interpreter takes 10-15 s a case here: its memory bounds are checked on jsd,
+    which computes both KL directions; every divergence's exactness is in test_kernels."""
+    if backend == "triton" and divergence != "jsd":
+        pytest.skip("Triton under the interpreter: memory bounds checked on jsd (both KL directions)")
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_chunked_kl_holds_the_gradient_and_a_few_blocks(divergence, backend):
+    _one_divergence_under_the_interpreter(divergence, backend)
     s, t, labels = inputs()
     x = s.requires_grad_(True)
 
@@ -74,6 +82,7 @@ def test_chunked_kl_holds_the_gradient_and_a_few_blocks(divergence, backend):
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_fused_never_holds_full_logits(divergence, backend):
+    _one_divergence_under_the_interpreter(divergence, backend)
     s, t, labels = inputs()
     g = torch.Generator().manual_seed(1)
     h = torch.randn(N_TOK, HID, generator=g, requires_grad=True)
