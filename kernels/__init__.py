@@ -8,6 +8,10 @@
     naive_logits_loss(student_logits, teacher_logits, labels, *, alpha, temperature, ...): the
         reference loss on full logits, the one the others are tested against;
         masked_cross_entropy: its CE term alone.
+    fused_linear_sparse_distill_loss(student_hidden, student_weight, labels, *, teacher_ids,
+        teacher_logprobs, ...): the same from a sparse teacher (K ids and log-probabilities per
+        token, as a teacher cache keeps them): top-k KL with a tail bucket (kernels/sparse.py);
+        naive_sparse_distill_loss: its reference on full logits.
     env_flag(name, default): the one reader of the SEQ2SEQ_DISTILL_* on/off variables.
     PeakMemory(device): peak memory above a baseline, for the benchmarks.
     Submodules: native (the C row step), rowsteps (which row step runs), bench.
@@ -39,10 +43,12 @@ from pathlib import Path
 
 from .switches import env_flag
 
-__all__ = ["PeakMemory", "chunked_kl_div", "env_flag", "fused_linear_distill_loss", "masked_cross_entropy",
-           "naive_distill_loss", "naive_kl_div", "naive_logits_loss"]
+__all__ = ["PeakMemory", "chunked_kl_div", "env_flag", "fused_linear_distill_loss",
+           "fused_linear_sparse_distill_loss", "masked_cross_entropy", "naive_distill_loss", "naive_kl_div",
+           "naive_logits_loss", "naive_sparse_distill_loss"]
 # public name -> the submodule that defines it, imported when the name is first used
 _LAZY = {"chunked_kl_div": "kl", "fused_linear_distill_loss": "fused", "masked_cross_entropy": "naive",
+         "fused_linear_sparse_distill_loss": "sparse", "naive_sparse_distill_loss": "naive",
          "naive_distill_loss": "naive", "naive_kl_div": "naive", "naive_logits_loss": "naive",
          "PeakMemory": "peak_memory"}
 _SUBMODULES = ("bench", "native", "rowsteps")

@@ -113,3 +113,30 @@ def naive_distill_loss(student_hidden, student_weight, labels, *, teacher_logits
     return naive_logits_loss(student_logits, teacher_logits, labels, alpha=alpha,
                              temperature=temperature, ignore_index=ignore_index,
                              divergence=divergence, beta=beta)
+
+
+def naive_sparse_distill_loss(student_logits, labels, teacher_ids, teacher_logprobs, *, alpha=0.5,
+                              temperature=1.0, ignore_index=-100):
+    """Reference for fused_linear_sparse_distill_loss on full logits (N, V) / (B, T, V): the
+    top-k objective with a tail bucket written out (kernels/sparse.py's docstring). Returns
+    (loss, ce, kl) like it; the gradient reaches the logits by autograd. Math in float32 for
+    lower-precision inputs, float64 stays float64."""
+    temperature = check_temperature(temperature)
+    dt = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.reshape(-1, student_logits.shape[-1]).to(dt)
+    vocab, k = s.shape[1], teacher_ids.shape[-1]
+    ids = teacher_ids.reshape(-1, k).long()
+    lp = teacher_logprobs.detach().reshape(-1, k).to(dt)
+    lab = labels.reshape(-1)
+    mask = (lab != ignore_index).to(dt)
+    ce = F.cross_entropy(s, torch.where(lab != ignore_index, lab, torch.zeros_like(lab)).long(), reduction="none")
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_q_support = log_q.gather(1, ids)
+    log_m_s = log_q.scatter(1, ids, float("-inf")).logsumexp(1)
+    m_t = (1.0 - lp.exp().sum(1)).clamp(0.0, 1.0) * (0.0 if k == vocab else 1.0)
+    p = torch.softmax(lp / temperature, dim=1) * (1.0 - m_t).unsqueeze(1)
+    tail = torch.where(m_t > 0, m_t * (m_t.clamp_min(1e-300).log() - log_m_s), torch.zeros_like(m_t))
+    d = torch.xlogy(p, p).sum(1) - (p * log_q_support).sum(1) + tail
+    ce_mean, d_mean = _masked_mean(ce, mask), _masked_mean(d, mask)
+    loss = alpha * ce_mean + (1.0 - alpha) * temperature**2 * d_mean
+    return loss, ce_mean.detach(), d_mean.detach()

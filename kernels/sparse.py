@@ -1,0 +1,180 @@
+"""fused_linear_sparse_distill_loss: distillation from a sparse teacher (K token ids per target
+token and their log-probabilities, as a teacher cache stores them), lm_head fused in.
+
+The objective ("top-k with a tail bucket"). For each unmasked target token the teacher gives a
+support S of K distinct token ids with log-probabilities log p_i at T = 1, and so a tail mass
+m_t = 1 - sum_i p_i (clamped at 0) for every other token. With temperature T:
+
+    p~_i = (1 - m_t) * softmax_i(log p_i / T)        the teacher on its support (its tail kept)
+    q    = softmax(z / T)                             the student (z: its logits)
+    q_i  = q at id k_i;  m_s = 1 - sum_i q_i          the student's mass off the support
+    D    = sum_i p~_i (log p~_i - log q_i) + m_t (log m_t - log m_s)        (0 log 0 = 0)
+    loss = alpha * CE(z, label) + (1 - alpha) * T^2 * D,   both means over unmasked tokens.
+
+D is the KL divergence between the two distributions coarsened to K + 1 outcomes (the support
+ids and "anything else"): >= 0, 0 when the student matches the teacher on the support and in
+the tail mass, and exactly the full forward KL(teacher || student) when the support is the whole
+vocabulary. At T = 1, p~ is the cached teacher itself. The gradient wrt z / T is q_v - p~_v on
+the support and q_v (1 - m_t / m_s) off it: the tail bucket pushes the student's off-support mass
+towards the teacher's without saying where inside it. m_s is computed as a log-sum-exp over the
+off-support logits, never as 1 minus a sum close to 1.
+
+Like the fused loss (kernels/fused.py), the student's logits exist for one block of rows at a
+time and the forward pass also does the two backward matmuls. One torch implementation (no
+native or Triton row step): the block's work is a few vocabulary-wide torch ops.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._core import check_ignore_index, check_temperature, default_fused_chunk_size, flatten_rows, index_labels
+
+
+def _teacher_rows(ids, logprobs, n_rows: int, vocab: int):
+    """(N, K) int64 ids and (N, K) float32 log-probabilities from any (..., K) inputs, checked."""
+    if ids is None or logprobs is None:
+        raise ValueError("pass teacher_ids and teacher_logprobs (the teacher's K tokens per target token)")
+    if ids.shape != logprobs.shape or ids.dim() < 1:
+        raise ValueError(f"teacher_ids {tuple(ids.shape)} and teacher_logprobs {tuple(logprobs.shape)} must have "
+                         "the same shape (..., K)")
+    k = ids.shape[-1]
+    ids2 = index_labels(ids, "teacher_ids").view(-1, k) if k else ids.reshape(-1, 0).long()
+    lp2 = logprobs.detach().reshape(-1, k).float()
+    if ids2.shape[0] != n_rows:
+        raise ValueError(f"teacher_ids has {ids2.shape[0]} rows, expected {n_rows} (one per token)")
+    if k < 1 or k > vocab:
+        raise ValueError(f"K = {k} teacher tokens per row; expected 1 <= K <= vocabulary size {vocab}")
+    if n_rows and bool(((ids2 < 0) | (ids2 >= vocab)).any()):
+        bad = ids2[(ids2 < 0) | (ids2 >= vocab)][0].item()
+        raise ValueError(f"teacher_ids must be in [0, {vocab}); found {bad}")
+    if n_rows and k > 1:
+        ordered = ids2.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("teacher_ids repeat a token within a row; each row's K ids must be distinct")
+    return ids2, lp2
+
+
+def _sparse_targets(lp, inv_t, vocab: int):
+    """(p~ (r, K), m_t (r, 1)) from cached log-probabilities at T = 1 (see the module docstring).
+    A support of the whole vocabulary has no tail, whatever the cached values' rounding says."""
+    m_t = (1.0 - lp.exp().sum(1, keepdim=True)).clamp_(0.0, 1.0)
+    if lp.shape[1] == vocab:
+        m_t.zero_()
+    p = torch.softmax(lp * inv_t, dim=1) * (1.0 - m_t)
+    return p, m_t
+
+
+class FusedLinearSparseDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ids, logprobs, alpha, temperature, ignore_index, chunk_size):
+        shape = hidden.shape
+        h_all = flatten_rows(hidden, "student_hidden")
+        n_rows, width = h_all.shape
+        if weight.dim() != 2 or weight.shape[1] != width:
+            raise ValueError(f"student_weight must be (V, {width}), got shape {tuple(weight.shape)}")
+        vocab = weight.shape[0]
+        if bias is not None and bias.shape != (vocab,):
+            raise ValueError(f"student_bias must be ({vocab},), got shape {tuple(bias.shape)}")
+        lab = index_labels(labels)
+        if lab.numel() != n_rows:
+            raise ValueError(f"labels has {lab.numel()} positions, expected {n_rows} (one per token)")
+        ids_all, lp_all = _teacher_rows(ids, logprobs, n_rows, vocab)
+        valid = lab != ignore_index
+        safe_lab = torch.where(valid, lab, torch.zeros_like(lab))
+        if n_rows and bool(((safe_lab < 0) | (safe_lab >= vocab)).any()):
+            bad = lab[valid & ((lab < 0) | (lab >= vocab))][0].item()
+            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {bad}")
+        maskf = valid.to(torch.float32)
+        denom = max(int(valid.sum().item()), 1)
+        c_ce, c_kl = alpha / denom, (1.0 - alpha) * temperature / denom  # d(T^2 D)/dz = T dD/d(z/T)
+        inv_t = 1.0 / temperature
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        chunk = int(chunk_size or default_fused_chunk_size(vocab, n_rows))
+        if chunk < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunk = min(chunk, max(n_rows, 1))
+        f32 = dict(dtype=torch.float32, device=h_all.device)
+        grad_h = torch.empty(h_all.shape, **f32) if need_h else None
+        grad_w = torch.zeros(weight.shape, **f32) if need_w else None
+        grad_b = torch.zeros(vocab, **f32) if need_b else None
+        w32 = weight.float()
+        b32 = None if bias is None else bias.float()
+        ce_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
+        for i in range(0, n_rows, chunk):
+            j = min(i + chunk, n_rows)
+            h = h_all[i:j].float()
+            m = maskf[i:j].view(-1, 1)
+            k_ids, lab_c = ids_all[i:j], safe_lab[i:j].view(-1, 1)
+            s = h @ w32.t()
+            if b32 is not None:
+                s += b32
+            # CE at T = 1
+            lse1 = torch.logsumexp(s, dim=1, keepdim=True)
+            ce_row = lse1 - s.gather(1, lab_c)
+            # D at T: the student on the support, and its log mass off it (log-sum-exp of the rest)
+            z = s * inv_t
+            lse = torch.logsumexp(z, dim=1, keepdim=True)
+            log_q = z.gather(1, k_ids) - lse
+            off = z.scatter(1, k_ids, float("-inf"))
+            lse_off = torch.logsumexp(off, dim=1, keepdim=True)  # -inf when the support is everything
+            p, m_t = _sparse_targets(lp_all[i:j], inv_t, vocab)
+            has_tail = m_t > 0  # never where the support is the whole vocabulary (lse_off = -inf)
+            tail = torch.where(has_tail, m_t * (m_t.clamp_min(1e-38).log() - (lse_off - lse)), torch.zeros_like(m_t))
+            d_row = torch.xlogy(p, p).sum(1, keepdim=True) - (p * log_q).sum(1, keepdim=True) + tail
+            ce_sum += (ce_row * m).sum()
+            kl_sum += (d_row * m).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # G = c_ce (softmax(s) - onehot) + c_kl (q - p~ on S, q (1 - m_t / m_s) off S), masked
+            g = torch.exp(s - lse1).mul_(c_ce)
+            g.scatter_add_(1, lab_c, torch.full_like(ce_row, -c_ce))
+            g.add_(torch.exp(z - lse), alpha=c_kl)
+            g.scatter_add_(1, k_ids, -c_kl * p)
+            if ids_all.shape[1] < vocab:  # q_v m_t / m_s = m_t exp(z_v - lse_off), at most m_t
+                g.sub_(torch.exp(off - lse_off).mul_(c_kl * m_t))
+            g.mul_(m)
+            if need_b:
+                grad_b.add_(g.sum(0))
+            if need_h:
+                torch.mm(g, w32, out=grad_h[i:j])
+            if need_w:
+                grad_w.addmm_(g.t(), h)
+        ce = (ce_sum / denom).to(torch.float32)
+        kl = (kl_sum / denom).to(torch.float32)
+        loss = ((alpha * ce_sum + (1.0 - alpha) * temperature**2 * kl_sum) / denom).to(torch.float32)
+        ctx.save_for_backward(*[None if g is None else g.to(x.dtype)
+                                for g, x in ((grad_h, hidden), (grad_w, weight), (grad_b, bias))])
+        ctx.shape = shape
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        if grads[0] is not None:
+            grads[0] = grads[0].view(ctx.shape)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def fused_linear_sparse_distill_loss(student_hidden, student_weight, labels, *, teacher_ids, teacher_logprobs,
+                                     student_bias=None, alpha=0.5, temperature=1.0, ignore_index=-100,
+                                     chunk_size=None):
+    """alpha * CE(labels) + (1 - alpha) * T^2 * D(sparse teacher, student), logits never whole.
+
+    student_hidden (N, H) or (B, T, H), student_weight (V, H), student_bias optional (V,), labels
+    (N,) or (B, T) with ignore_index masked, as in fused_linear_distill_loss. teacher_ids: (..., K)
+    integer token ids per target token, distinct within a row; teacher_logprobs: the teacher's
+    log-probabilities of those ids at T = 1, same shape. D is the top-k objective with a tail
+    bucket of the module docstring. Returns (loss, ce, kl): loss carries the gradient (to the
+    student's hidden states, weight and bias); ce and kl (D without T^2) are detached float32.
+    Math in float32; the gradients are rounded to the inputs' dtypes.
+    """
+    temperature = check_temperature(temperature)
+    ignore_index = check_ignore_index(ignore_index)
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return FusedLinearSparseDistill.apply(student_hidden, student_weight, student_bias, labels, teacher_ids,
+                                          teacher_logprobs, alpha, temperature, ignore_index, chunk_size)
