@@ -92,7 +92,10 @@ Launcher: N GPUs (nvidia-smi -L, limited by CUDA_VISIBLE_DEVICES) ->
   deepspeed --num_gpus N distill/train.py --deepspeed ds_configs/zero2.json ...
 No GPU -> python distill/train.py ... (one CPU rank), or with CPU_RANKS=K > 1
   deepspeed --num_gpus K ... (DeepSpeed's CPU accelerator, gloo backend).
-Environment: NUM_GPUS (override the GPU count), CPU_RANKS, PYTHON, DEEPSPEED.
+Several machines: HOSTFILE=hosts (DeepSpeed's hostfile, 'host slots=N' per machine) ->
+  deepspeed --hostfile hosts distill/train.py ... (ssh to each host; same paths on every host,
+  --output-dir on a filesystem all of them see).
+Environment: NUM_GPUS (override the GPU count), CPU_RANKS, HOSTFILE, PYTHON, DEEPSPEED.
 The options are checked once (python -m distill.preflight) before any rank starts.
 
 Options:
@@ -250,6 +253,19 @@ if (( GPUS > 0 )); then
 elif (( RANKS > 1 )); then
   LAUNCHER=("$DEEPSPEED" --num_gpus "$RANKS")
   WORLD="$RANKS"
+fi
+if [[ -n "${HOSTFILE:-}" ]]; then
+  # Several machines: DeepSpeed's multi-node launcher (ssh to each host of the hostfile; every
+  # host needs the same paths, --output-dir on a shared filesystem). World = the slots listed.
+  [[ -f "$HOSTFILE" ]] || die "HOSTFILE='$HOSTFILE' is not a file; pass DeepSpeed's hostfile (one 'host slots=N' line per machine)"
+  WORLD=0
+  while read -r host slots _; do
+    [[ -z "$host" || "$host" == \#* ]] && continue
+    [[ "$slots" =~ ^slots=([1-9][0-9]*)$ ]] || die "HOSTFILE '$HOSTFILE': line '$host $slots' has no slots=N; write one 'host slots=N' line per machine"
+    WORLD=$(( WORLD + BASH_REMATCH[1] ))
+  done < "$HOSTFILE"
+  (( WORLD > 0 )) || die "HOSTFILE '$HOSTFILE' lists no host; write one 'host slots=N' line per machine"
+  LAUNCHER=("$DEEPSPEED" --hostfile "$HOSTFILE")
 fi
 TRAIN=("$HERE/distill/train.py" --deepspeed "$HERE/ds_configs/zero2.json")
 DISTILL_ARGS=("${CMD_ARGS[@]}" ${STUDENT_ARGS[@]+"${STUDENT_ARGS[@]}"} --output-dir "$OUT" ${EXTRA[@]+"${EXTRA[@]}"})

@@ -31,7 +31,7 @@ DATASETS = {  # preset -> (hub name, input column, target column, T5 prefix)
 
 def launch(*args, cwd=None, **env):
     base = {k: v for k, v in os.environ.items()
-            if k not in ("NUM_GPUS", "CPU_RANKS", "CUDA_VISIBLE_DEVICES", "PYTHON", "DEEPSPEED")}
+            if k not in ("NUM_GPUS", "CPU_RANKS", "CUDA_VISIBLE_DEVICES", "PYTHON", "DEEPSPEED", "HOSTFILE")}
     base.setdefault("NUM_GPUS", "0")
     base.update(env)
     return subprocess.run(["bash", LAUNCH, *args], capture_output=True, text=True, env=base,
@@ -241,6 +241,23 @@ def test_one_positional_argument_is_an_error():
     assert res.returncode == 2 and "TEACHER DATASET" in res.stderr
 
 
+def test_hostfile_runs_deepspeeds_multi_node_launcher(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# two machines\nnode-a slots=8\n\nnode-b slots=8\n")
+    argv = words(launch("bart-large-xsum", "xsum", "--dry-run", NUM_GPUS="8", HOSTFILE=str(hosts)).stdout)
+    assert argv[:4] == ["deepspeed", "--hostfile", str(hosts), os.path.join(ROOT, "distill", "train.py")]
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "is not a file"), ("node-a\n", "has no slots=N"), ("# nothing\n", "lists no host")])
+def test_bad_hostfile_is_a_one_line_error(tmp_path, content, message):
+    hosts = tmp_path / "hosts"
+    if content is not None:
+        hosts.write_text(content)
+    res = launch("bart-base", "xsum", "--dry-run", HOSTFILE=str(hosts))
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
 def test_bad_gpu_and_rank_counts_are_refused():
     assert launch("bart-base", "xsum", "--dry-run", NUM_GPUS="two").returncode == 2
     assert launch("bart-base", "xsum", "--dry-run", CPU_RANKS="0").returncode == 2
@@ -249,7 +266,7 @@ def test_bad_gpu_and_rank_counts_are_refused():
 def test_help_lists_presets_and_options():
     res = launch("--help")
     assert res.returncode == 0
-    for name in [*TEACHERS, *DATASETS, "--dry-run", "NUM_GPUS", "CPU_RANKS", "--smoke"]:
+    for name in [*TEACHERS, *DATASETS, "--dry-run", "NUM_GPUS", "CPU_RANKS", "HOSTFILE", "--smoke"]:
         assert name in res.stdout
 
 

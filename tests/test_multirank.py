@@ -73,6 +73,21 @@ def varied_length_data(folder) -> str:
     return folder
 
 
+def launch_two_nodes(args, timeout=420):
+    """The same command on two "nodes" of one rank each (two torchrun agents on this machine,
+    --nnodes 2, one rendezvous): what a user runs on each machine of a 2-node job, the output
+    folder on a filesystem both see."""
+    from launch_env import free_port
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port] + args,
+                              cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return max(p.returncode for p in procs), "\n".join(outs)
+
+
 def student_weights(out):
     from safetensors.torch import load_file
     return load_file(os.path.join(out, "model.safetensors"))
@@ -84,22 +99,28 @@ def test_gradient_is_the_token_mean_of_the_global_batch_however_it_is_split(work
     end the same. Weighting each micro-batch's own token mean equally (the bug transformers fixed
     with num_items_in_batch) left the split run's weights 3e-4 from the reference on average
     (8e-3 at most); the token-weighted steps end 6e-10 (1.4e-7) away. (1 rank x 4 micro-batches
-    measured the same: 7e-10.)"""
+    measured the same: 7e-10.) The 2 ranks also run as 2 nodes of one rank each (multi-node
+    torchrun on this machine), which must train the same."""
     data = varied_length_data(str(tmp_path / "data"))
-    runs = {"one_micro_batch": (1, "8"), "two_ranks_accum_2": (2, "2")}
+    runs = {"one_micro_batch": (1, "8"), "two_ranks_accum_2": (2, "2"), "two_nodes_accum_2": ("nodes", "2")}
     weights, evals = {}, {}
     for name, (ranks, per_device) in runs.items():
         out = str(tmp_path / name)
-        launcher = ([sys.executable] if ranks == 1 else
-                    [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"])
-        args = common(workspace, out) + ["--dataset-local-path", data, "--max-steps", "6", "--global-batch-size", "8",
-                                         "--per-device-batch-size", per_device, "--alpha", "0.5"]
-        rc, log = launch(launcher + ["main.py"] + args)
+        args = ["main.py"] + common(workspace, out) + [
+            "--dataset-local-path", data, "--max-steps", "6", "--global-batch-size", "8",
+            "--per-device-batch-size", per_device, "--alpha", "0.5"]
+        if ranks == "nodes":
+            rc, log = launch_two_nodes(args)
+        else:
+            launcher = ([sys.executable] if ranks == 1 else
+                        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"])
+            rc, log = launch(launcher + args)
         assert rc == 0, log[-4000:]
         weights[name] = student_weights(out)
         evals[name] = losses(out)[1]["final_eval"]["eval_loss"]
+        assert losses(out)[1]["world_size"] == (1 if ranks == 1 else 2)
     ref = weights["one_micro_batch"]
-    for name in ("two_ranks_accum_2",):
+    for name in ("two_ranks_accum_2", "two_nodes_accum_2"):
         # Only rounding may differ (sums in another order); Adam's first steps, which move each
         # weight by about the learning rate (3e-3) whatever its gradient, amplify it a little.
         diff = max(float((weights[name][k] - ref[k]).abs().max()) for k in ref)
