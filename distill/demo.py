@@ -229,7 +229,14 @@ def main(argv=None) -> int:
     start = time.time()
     stages = 4 if args.compare else 6
 
+    from distill.signals import Interrupted, Signals
+
+    # SIGTERM / Ctrl-C between the training runs (task, the report) stop the demo with one line;
+    # inside a run the trainer's own handling answers and the demo ends with its exit code.
+    signals = Signals().install()
+
     def stage(n, text):
+        signals.enter(text)
         print(f"\n[{n}/{stages}] {text} ({time.time() - start:.0f}s elapsed)", flush=True)
 
     try:
@@ -304,6 +311,12 @@ def main(argv=None) -> int:
         return 2
     except _StageFailed as exc:
         return exc.args[0]
+    except Interrupted as exc:
+        print(f"interrupted by {exc.name} while {exc.phase}; rerun the same command to go on (a finished "
+              "teacher stays cached, the teacher's outputs made so far are kept)", file=sys.stderr, flush=True)
+        return exc.exit_code
+    finally:
+        signals.restore()
     print(f"\n{names['distilled']} = the teacher's layers + its outputs for all {rows} inputs; "
           f"{names['ce']} = the {labeled or rows} references only; same shape and steps\n" + format_table(report))
     print(f"\nfinished in {time.time() - start:.0f}s; report in {os.path.join(out, 'report.md')}")

@@ -137,6 +137,20 @@ def test_a_failed_training_run_ends_the_demo_with_its_exit_code(tmp_path, monkey
     assert not [p for p in os.listdir(tmp_path / "c") if not p.endswith(".partial")]  # nothing cached
 
 
+def test_a_signal_between_training_runs_stops_the_demo_with_one_line(tmp_path, monkeypatch, capsys):
+    import signal
+
+    def task_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the demo makes the task
+
+    monkeypatch.setattr(demo, "make_task", task_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    assert demo.main(["--smoke", "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted by SIGTERM while generating the text-normalisation task")
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+
 def test_check_targets_reports_each_promise():
     def report(teacher, student, ce, b1, b32):
         return {"main_metric": "exact_match", "speedup_b1": b1, "speedup_b32": b32,
