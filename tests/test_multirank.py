@@ -81,7 +81,8 @@ def launch_two_nodes(args, timeout=420):
 
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
-                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port] + args,
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"] + args,
                               cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for n in (0, 1)]
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
@@ -94,15 +95,17 @@ def student_weights(out):
 
 
 def test_gradient_is_the_token_mean_of_the_global_batch_however_it_is_split(workspace, tmp_path):
-    """Global batch 8 taken as 1 micro-batch of 8 on 1 rank (the plain token mean) and as 2
-    micro-batches of 2 on each of 2 ranks (torchrun): same data per step, so the students must
-    end the same. Weighting each micro-batch's own token mean equally (the bug transformers fixed
-    with num_items_in_batch) left the split run's weights 3e-4 from the reference on average
-    (8e-3 at most); the token-weighted steps end 6e-10 (1.4e-7) away. (1 rank x 4 micro-batches
-    measured the same: 7e-10.) The 2 ranks also run as 2 nodes of one rank each (multi-node
-    torchrun on this machine), which must train the same."""
+    """Global batch 8 taken as 1 micro-batch of 8 on 1 rank (the plain token mean), as 4
+    micro-batches of 2 on 1 rank, and as 2 micro-batches of 2 on each of 2 ranks (torchrun), on
+    targets of 1 to 12 words: same data per step, so the students must end the same. Weighting
+    each micro-batch's own token mean equally (the bug transformers fixed with
+    num_items_in_batch) left the split runs' weights 3e-4 from the reference on average (8e-3 at
+    most); the token-weighted steps end 7e-10 (1.4e-7) away. The 2 ranks also run as 2 nodes of
+    one rank each (torchrun --nnodes 2, c10d rendezvous on 127.0.0.1), which must train the same
+    weights and log the same losses as 2 ranks of one node."""
     data = varied_length_data(str(tmp_path / "data"))
-    runs = {"one_micro_batch": (1, "8"), "two_ranks_accum_2": (2, "2"), "two_nodes_accum_2": ("nodes", "2")}
+    runs = {"one_micro_batch": (1, "8"), "accum_4": (1, "2"), "two_ranks_accum_2": (2, "2"),
+            "two_nodes_accum_2": ("nodes", "2")}
     weights, evals = {}, {}
     for name, (ranks, per_device) in runs.items():
         out = str(tmp_path / name)
@@ -120,13 +123,17 @@ def test_gradient_is_the_token_mean_of_the_global_batch_however_it_is_split(work
         evals[name] = losses(out)[1]["final_eval"]["eval_loss"]
         assert losses(out)[1]["world_size"] == (1 if ranks == 1 else 2)
     ref = weights["one_micro_batch"]
-    for name in ("two_ranks_accum_2", "two_nodes_accum_2"):
+    for name in ("accum_4", "two_ranks_accum_2", "two_nodes_accum_2"):
         # Only rounding may differ (sums in another order); Adam's first steps, which move each
         # weight by about the learning rate (3e-3) whatever its gradient, amplify it a little.
         diff = max(float((weights[name][k] - ref[k]).abs().max()) for k in ref)
         mean = sum(float((weights[name][k] - ref[k]).abs().sum()) for k in ref) / sum(v.numel() for v in ref.values())
         assert mean < 1e-7 and diff < 1e-5, (name, mean, diff)
         assert abs(evals[name] - evals["one_micro_batch"]) < 1e-5 * evals["one_micro_batch"], evals
+    curve = {name: losses(str(tmp_path / name))[0] for name in ("two_ranks_accum_2", "two_nodes_accum_2")}
+    assert len(curve["two_nodes_accum_2"]) == 3
+    for a, b in zip(curve["two_ranks_accum_2"], curve["two_nodes_accum_2"]):
+        assert abs(a - b) <= 1e-6 * abs(a), curve
 
 
 def test_world_size_that_does_not_divide_global_batch(workspace, tmp_path):

@@ -18,11 +18,15 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from distill import checkpoint, faults, guard
 from distill.errors import UserError
+from launch_env import clean_env, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 REL_TOL = 1e-6
 
@@ -59,16 +63,65 @@ def resume_and_check(start, out: str, expect_from: str, reference: dict) -> None
     assert_same_as_reference(metrics, reference)
 
 
-@pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
-def test_sigkill_after_a_checkpoint_resumes_from_it(start, reference, tmp_path):
-    out = str(tmp_path / "out")
-    run = start(out)
-    run.wait_for(os.path.join(ckpt(out, 4), checkpoint.MARKER))
-    run.proc.kill()
-    assert run.wait() == -signal.SIGKILL
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, found first (a kill -9 of the whole job)."""
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as fh:
+                    todo += [int(c) for c in fh.read().split()]
+        except OSError:
+            pass
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow  # three 2-rank runs: about 2 min on 2 CPU cores
+def test_two_ranks_killed_with_sigkill_resume_exactly(run_args, tmp_path):
+    """2 ranks (torchrun), dropout on: the whole job is SIGKILLed after a checkpoint, then
+    `--resume` must give the uninterrupted 2-rank run's loss history and final eval loss (1e-6
+    relative): each rank's RNG stream, the data position, the LR schedule and the optimizer state
+    all continue. 64 rows, 2 x 8 per step: 4 steps per epoch, so the 12 steps cross two epochs."""
+    def launch(out, *extra):
+        log = open(str(tmp_path / f"{os.path.basename(out)}-{len(extra)}.log"), "w", encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                                 free_port(), "main.py", *run_args, "--output-dir", out, *extra],
+                                cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+        return proc, log
+
+    def metrics(out):
+        with open(os.path.join(out, "metrics.json"), encoding="utf-8") as fh:
+            return json.load(fh)
+
+    ref_out, out = str(tmp_path / "reference"), str(tmp_path / "out")
+    proc, log = launch(ref_out)
+    assert proc.wait(300) == 0, open(log.name).read()[-3000:]
+    proc, log = launch(out)
+    marker = os.path.join(ckpt(out, 4), checkpoint.MARKER)
+    deadline = time.time() + 240
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.exists(marker), open(log.name).read()[-3000:]
+    kill_tree(proc.pid)  # the launcher and both ranks (torchrun starts them in their own sessions)
+    proc.wait(60)
     latest = checkpoint.latest_checkpoint(out)
     assert latest is not None and latest.endswith(("step-000004", "step-000008"))  # 8 if the kill came late
-    resume_and_check(start, out, latest, reference)
+    proc, log = launch(out, "--resume")
+    assert proc.wait(300) == 0, open(log.name).read()[-3000:]
+    assert f"resumed from {latest} at step" in open(log.name).read()
+    got, want = metrics(out), metrics(ref_out)
+    assert got["world_size"] == want["world_size"] == 2 and got["steps"] == want["steps"] == 12
+    assert [s for s, _ in train_losses(got)] == [s for s, _ in train_losses(want)] == list(range(1, 13))
+    for (step, a), (_, b) in zip(train_losses(got), train_losses(want)):
+        assert a == pytest.approx(b, rel=REL_TOL), f"train loss differs at step {step}: {a} vs {b}"
+    assert got["final_eval"]["eval_loss"] == pytest.approx(want["final_eval"]["eval_loss"], rel=REL_TOL)
+    assert got["samples_seen"] == want["samples_seen"] and got["tokens_seen"] == want["tokens_seen"]
 
 
 @pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
