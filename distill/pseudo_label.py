@@ -217,6 +217,8 @@ def generate_partitioned(model, tokenizer, cfg, sources: list[str], *, rank: int
     holds the whole teacher."""
     import types
 
+    if not sources:  # alike on every rank: nothing to generate, no collective to make
+        return [] if rank == 0 else None
     opts = types.SimpleNamespace(num_beams=1, max_new_tokens=max_new_tokens, do_sample=False)
     gen = _Generator(model, tokenizer, cfg, opts, device, synced=world_size > 1)
     mine = list(range(rank, len(sources), world_size))

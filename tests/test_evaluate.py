@@ -127,6 +127,32 @@ def test_quality_retention_uses_main_metric(models, tmp_path):
     assert "not measured (--skip-speed)" in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_teacher_outputs_made_elsewhere_are_scored_without_loading_it(models, tmp_path, monkeypatch):
+    """The trainer's report with a partitioned teacher: its outputs come in, the teacher is never
+    loaded (quality from them, no speed, size from its config), the student is measured as usual."""
+    import distill.evaluate as ev
+
+    teacher, student, _ = models
+    loaded = []
+    real_load = ev._load
+    monkeypatch.setattr(ev, "_load", lambda path, role, *a: loaded.append(role) or real_load(path, role, *a))
+    refs = TEXTS[:4]
+    given = [refs[0], refs[1], "something else", refs[3]]
+    report = run_report(teacher, [student], TEXTS[:4], refs, str(tmp_path / "r"), main_metric="exact_match",
+                        teacher_outputs=given, teacher_outputs_from="generated on 2 ranks", **FAST)
+    assert loaded == ["student"]
+    t = report["models"]["teacher"]
+    assert t["exact_match"] == 75.0 and t["latency_greedy_b1_p50_ms"] is None and t["dtype"] is None
+    from transformers import AutoModelForSeq2SeqLM
+    assert t["parameters"] == sum(p.numel() for p in AutoModelForSeq2SeqLM.from_pretrained(teacher).parameters())
+    assert report["models"]["bart-small"]["latency_greedy_b1_p50_ms"] is not None
+    assert report["speedup_b1"] is None and report["settings"]["teacher_outputs_from"] == "generated on 2 ranks"
+    assert "The teacher's outputs were generated on 2 ranks" in (tmp_path / "r" / "report.md").read_text()
+    with pytest.raises(UserError, match="3 teacher outputs for 4 sources"):
+        run_report(teacher, [student], TEXTS[:4], refs, str(tmp_path / "r2"), teacher_outputs=given[:3], **FAST)
+    assert not (tmp_path / "r2").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(students=["/nonexistent/student"]), "student folder"),
     (dict(students=[]), "no student"),
