@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from ._core import check_ignore_index, check_temperature, default_fused_chunk_size, flatten_rows, index_labels
+from ._core import (check_ignore_index, check_temperature, default_fused_chunk_size, flatten_rows, index_labels,
+                    scale_saved_grad)
 
 
 def _teacher_rows(ids, logprobs, n_rows: int, vocab: int):
@@ -152,7 +153,7 @@ class FusedLinearSparseDistill(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        grads = [scale_saved_grad(g, grad_loss) for g in ctx.saved_tensors]
         if grads[0] is not None:
             grads[0] = grads[0].view(ctx.shape)
         return (*grads, None, None, None, None, None, None, None)

@@ -28,3 +28,19 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (children of all its threads, read from /proc), parents
+    first; processes that end meanwhile are skipped."""
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as fh:
+                    todo += [int(c) for c in fh.read().split()]
+        except OSError:
+            pass
+    return found

@@ -24,7 +24,7 @@ import pytest
 
 from distill import checkpoint, faults, guard
 from distill.errors import UserError
-from launch_env import clean_env, free_port
+from launch_env import clean_env, free_port, process_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,17 +65,7 @@ def resume_and_check(start, out: str, expect_from: str, reference: dict) -> None
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants, found first (a kill -9 of the whole job)."""
-    todo, found = [pid], []
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as fh:
-                    todo += [int(c) for c in fh.read().split()]
-        except OSError:
-            pass
-    for p in found:
+    for p in process_tree(pid):
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:

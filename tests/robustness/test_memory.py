@@ -25,36 +25,22 @@ import time
 
 import pytest
 
-from launch_env import clean_env
+from launch_env import clean_env, process_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                found += [int(c) for c in fh.read().split()]
-    except OSError:
-        pass
-    return found
-
-
 def run_and_sample(cmd: list[str], timeout: float = 600) -> tuple[int, str, dict[int, int]]:
     """Run `cmd`; sample RssAnon (bytes) of every process under it every 20 ms. Returns the exit
-    code, the output, and the peak RssAnon of each training rank (processes running train.py with
-    a --local_rank or LOCAL_RANK: the ranks, not the launcher) keyed by rank."""
+    code, the output, and the peak RssAnon of each training rank (the processes below the launcher
+    with RANK in their environment) keyed by rank."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     peaks: dict[int, int] = {}
 
     def sample():
         while proc.poll() is None:
-            todo = [proc.pid]
-            while todo:
-                pid = todo.pop()
-                todo += _children(pid)
+            for pid in process_tree(proc.pid):
                 try:
                     with open(f"/proc/{pid}/environ", "rb") as fh:
                         env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
