@@ -116,7 +116,7 @@ def naive_distill_loss(student_hidden, student_weight, labels, *, teacher_logits
 
 
 def naive_sparse_distill_loss(student_logits, labels, teacher_ids, teacher_logprobs, *, alpha=0.5,
-                              temperature=1.0, ignore_index=-100):
+                              temperature=1.0, ignore_index=-100, teacher_tail_logmass=None):
     """Reference for fused_linear_sparse_distill_loss on full logits (N, V) / (B, T, V): the
     top-k objective with a tail bucket written out (kernels/sparse.py's docstring). Returns
     (loss, ce, kl) like it; the gradient reaches the logits by autograd. Math in float32 for
@@ -133,7 +133,11 @@ def naive_sparse_distill_loss(student_logits, labels, teacher_ids, teacher_logpr
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_q_support = log_q.gather(1, ids)
     log_m_s = log_q.scatter(1, ids, float("-inf")).logsumexp(1)
-    m_t = (1.0 - lp.exp().sum(1)).clamp(0.0, 1.0) * (0.0 if k == vocab else 1.0)
+    if teacher_tail_logmass is None:
+        m_t = (1.0 - lp.exp().sum(1)).clamp(0.0, 1.0)
+    else:
+        m_t = teacher_tail_logmass.detach().reshape(-1).to(dt).exp()
+    m_t = m_t * (0.0 if k == vocab else 1.0)
     p = torch.softmax(lp / temperature, dim=1) * (1.0 - m_t).unsqueeze(1)
     tail = torch.where(m_t > 0, m_t * (m_t.clamp_min(1e-300).log() - log_m_s), torch.zeros_like(m_t))
     d = torch.xlogy(p, p).sum(1) - (p * log_q_support).sum(1) + tail

@@ -19,6 +19,16 @@ the support and q_v (1 - m_t / m_s) off it: the tail bucket pushes the student's
 towards the teacher's without saying where inside it. m_s is computed as a log-sum-exp over the
 off-support logits, never as 1 minus a sum close to 1.
 
+The tail mass m_t is 1 - sum_i p_i by default; `teacher_tail_logmass` (log m_t per token) gives it
+exactly instead: a cache stores it computed from the teacher's full logits, where 1 - sum_i p_i of
+rounded fp16 log-probabilities is off by ~1e-4. -inf there means no tail: the support weights are
+then the whole target (a sampled sparse teacher, distill/teacher_cache.py: softmax(log p_i / T)
+over the support, summing to 1).
+
+A token id may appear more than once in a row only with zero mass (log-probability -inf) in all
+but one of its places: such entries add nothing to D or its gradient, so a row with fewer than K
+distinct tokens is padded by repeating an id with -inf.
+
 Like the fused loss (kernels/fused.py), the student's logits exist for one block of rows at a
 time and the forward pass also does the two backward matmuls. One torch implementation (no
 native or Triton row step): the block's work is a few vocabulary-wide torch ops.
@@ -49,16 +59,35 @@ def _teacher_rows(ids, logprobs, n_rows: int, vocab: int):
         bad = ids2[(ids2 < 0) | (ids2 >= vocab)][0].item()
         raise ValueError(f"teacher_ids must be in [0, {vocab}); found {bad}")
     if n_rows and k > 1:
-        ordered = ids2.sort(dim=1).values
+        # Entries with zero mass may repeat an id (padding): give each a distinct negative stand-in.
+        standin = -1 - torch.arange(k, device=ids2.device).expand_as(ids2)
+        ordered = torch.where(lp2 > float("-inf"), ids2, standin).sort(dim=1).values
         if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-            raise ValueError("teacher_ids repeat a token within a row; each row's K ids must be distinct")
+            raise ValueError("teacher_ids repeat a token within a row; each row's K ids must be distinct "
+                             "(a repeat is allowed only with log-probability -inf)")
     return ids2, lp2
 
 
-def _sparse_targets(lp, inv_t, vocab: int):
-    """(p~ (r, K), m_t (r, 1)) from cached log-probabilities at T = 1 (see the module docstring).
-    A support of the whole vocabulary has no tail, whatever the cached values' rounding says."""
-    m_t = (1.0 - lp.exp().sum(1, keepdim=True)).clamp_(0.0, 1.0)
+def _tail_rows(tail, n_rows: int):
+    """(N, 1) float32 log tail masses, or None."""
+    if tail is None:
+        return None
+    t = tail.detach().reshape(-1, 1).float()
+    if t.shape[0] != n_rows:
+        raise ValueError(f"teacher_tail_logmass has {t.shape[0]} entries, expected {n_rows} (one per token)")
+    if bool((t > 0).any()) or bool(t.isnan().any()):
+        raise ValueError("teacher_tail_logmass must be log-masses: <= 0 (or -inf for no tail)")
+    return t
+
+
+def _sparse_targets(lp, inv_t, vocab: int, tail=None):
+    """(p~ (r, K), m_t (r, 1)) from cached log-probabilities at T = 1 (see the module docstring),
+    the tail mass from `tail` (log m_t) when given. A support of the whole vocabulary has no
+    tail, whatever the cached values' rounding says."""
+    if tail is None:
+        m_t = (1.0 - lp.exp().sum(1, keepdim=True)).clamp_(0.0, 1.0)
+    else:
+        m_t = tail.exp().clamp_(0.0, 1.0)
     if lp.shape[1] == vocab:
         m_t.zero_()
     p = torch.softmax(lp * inv_t, dim=1) * (1.0 - m_t)
@@ -67,7 +96,8 @@ def _sparse_targets(lp, inv_t, vocab: int):
 
 class FusedLinearSparseDistill(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ids, logprobs, alpha, temperature, ignore_index, chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, ids, logprobs, tail, alpha, temperature, ignore_index,
+                chunk_size):
         shape = hidden.shape
         h_all = flatten_rows(hidden, "student_hidden")
         n_rows, width = h_all.shape
@@ -80,6 +110,7 @@ class FusedLinearSparseDistill(torch.autograd.Function):
         if lab.numel() != n_rows:
             raise ValueError(f"labels has {lab.numel()} positions, expected {n_rows} (one per token)")
         ids_all, lp_all = _teacher_rows(ids, logprobs, n_rows, vocab)
+        tail_all = _tail_rows(tail, n_rows)
         valid = lab != ignore_index
         safe_lab = torch.where(valid, lab, torch.zeros_like(lab))
         if n_rows and bool(((safe_lab < 0) | (safe_lab >= vocab)).any()):
@@ -119,7 +150,7 @@ class FusedLinearSparseDistill(torch.autograd.Function):
             log_q = z.gather(1, k_ids) - lse
             off = z.scatter(1, k_ids, float("-inf"))
             lse_off = torch.logsumexp(off, dim=1, keepdim=True)  # -inf when the support is everything
-            p, m_t = _sparse_targets(lp_all[i:j], inv_t, vocab)
+            p, m_t = _sparse_targets(lp_all[i:j], inv_t, vocab, None if tail_all is None else tail_all[i:j])
             has_tail = m_t > 0  # never where the support is the whole vocabulary (lse_off = -inf)
             tail = torch.where(has_tail, m_t * (m_t.clamp_min(1e-38).log() - (lse_off - lse)), torch.zeros_like(m_t))
             d_row = torch.xlogy(p, p).sum(1, keepdim=True) - (p * log_q).sum(1, keepdim=True) + tail
@@ -156,19 +187,21 @@ class FusedLinearSparseDistill(torch.autograd.Function):
         grads = [scale_saved_grad(g, grad_loss) for g in ctx.saved_tensors]
         if grads[0] is not None:
             grads[0] = grads[0].view(ctx.shape)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_sparse_distill_loss(student_hidden, student_weight, labels, *, teacher_ids, teacher_logprobs,
-                                     student_bias=None, alpha=0.5, temperature=1.0, ignore_index=-100,
-                                     chunk_size=None):
+                                     teacher_tail_logmass=None, student_bias=None, alpha=0.5,
+                                     temperature=1.0, ignore_index=-100, chunk_size=None):
     """alpha * CE(labels) + (1 - alpha) * T^2 * D(sparse teacher, student), logits never whole.
 
     student_hidden (N, H) or (B, T, H), student_weight (V, H), student_bias optional (V,), labels
     (N,) or (B, T) with ignore_index masked, as in fused_linear_distill_loss. teacher_ids: (..., K)
     integer token ids per target token, distinct within a row; teacher_logprobs: the teacher's
-    log-probabilities of those ids at T = 1, same shape. D is the top-k objective with a tail
-    bucket of the module docstring. Returns (loss, ce, kl): loss carries the gradient (to the
+    log-probabilities of those ids at T = 1, same shape (an id may repeat only with -inf).
+    teacher_tail_logmass: optional (...) log of the teacher's mass off the support per token
+    (default: from 1 - sum exp(teacher_logprobs); -inf: no tail). D is the top-k objective with a
+    tail bucket of the module docstring. Returns (loss, ce, kl): loss carries the gradient (to the
     student's hidden states, weight and bias); ce and kl (D without T^2) are detached float32.
     Math in float32; the gradients are rounded to the inputs' dtypes.
     """
@@ -178,4 +211,5 @@ def fused_linear_sparse_distill_loss(student_hidden, student_weight, labels, *, 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     return FusedLinearSparseDistill.apply(student_hidden, student_weight, student_bias, labels, teacher_ids,
-                                          teacher_logprobs, alpha, temperature, ignore_index, chunk_size)
+                                          teacher_logprobs, teacher_tail_logmass, alpha, temperature,
+                                          ignore_index, chunk_size)

@@ -112,3 +112,50 @@ def test_k_larger_than_the_vocabulary_is_refused():
     ids = torch.arange(V + 1).repeat(N, 1)
     with pytest.raises(ValueError, match="1 <= K <= vocabulary size 50"):
         fused_linear_sparse_distill_loss(hidden, weight, labels, teacher_ids=ids, teacher_logprobs=ids.float())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_an_exact_tail_mass_matches_the_reference(temperature):
+    """teacher_tail_logmass (what a cache stores from the full logits) replaces 1 - sum(p)."""
+    hidden, weight, bias, labels, teacher, ids, lp = problem(8)
+    logits = teacher.double()
+    tail = (logits.scatter(1, ids, float("-inf")).logsumexp(1) - logits.logsumexp(1)).float()
+    kw = dict(alpha=0.3, temperature=temperature)
+    got = kernel(hidden, weight, bias, labels, ids, lp, teacher_tail_logmass=tail, **kw)
+    want = reference(hidden, weight, bias, labels, ids, lp, teacher_tail_logmass=tail.double(), **kw)
+    for name, a, b in zip(("loss", "ce", "kl", "grad hidden", "grad weight", "grad bias"), got, want):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6), (name, (a.double() - b).abs().max())
+    # and it is what 1 - sum(p) gives, up to float32 rounding, when the log-probabilities are exact
+    derived = kernel(hidden, weight, bias, labels, ids, lp, **kw)
+    assert torch.allclose(got[0], derived[0], rtol=1e-4)
+
+
+def test_no_tail_is_the_forward_kl_to_the_support_weights():
+    """tail -inf: the support weights are the whole target, the forward KL to a distribution that
+    is zero off the support (a sampled teacher), padding repeats with -inf changing nothing."""
+    hidden, weight, bias, labels, _, ids, _ = problem(8)
+    g = torch.Generator().manual_seed(5)
+    weights = torch.rand(N, 8, generator=g) + 0.1
+    lp = (weights / weights.sum(1, keepdim=True)).log()
+    no_tail = torch.full((N,), float("-inf"))
+    got = kernel(hidden, weight, bias, labels, ids, lp, teacher_tail_logmass=no_tail, alpha=0.0)
+    log_q = torch.log_softmax((hidden @ weight.t() + bias).double(), dim=1).gather(1, ids)
+    per_token = (lp.double().exp() * (lp.double() - log_q)).sum(1)
+    mask = labels != -100
+    assert torch.allclose(got[2].double(), per_token[mask].mean(), rtol=1e-5)
+    # the same row padded to K = 10 by repeating its first id with zero mass
+    ids_p = torch.cat([ids, ids[:, :2]], 1)
+    lp_p = torch.cat([lp, torch.full((N, 2), float("-inf"))], 1)
+    padded = kernel(hidden, weight, bias, labels, ids_p, lp_p, teacher_tail_logmass=no_tail, alpha=0.0)
+    for a, b in zip(got, padded):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_bad_tail_is_refused():
+    hidden, weight, _, labels, _, ids, lp = problem(8)
+    with pytest.raises(ValueError, match="log-masses"):
+        fused_linear_sparse_distill_loss(hidden, weight, labels, teacher_ids=ids, teacher_logprobs=lp,
+                                         teacher_tail_logmass=torch.full((N,), 0.5))
+    with pytest.raises(ValueError, match="expected 37"):
+        fused_linear_sparse_distill_loss(hidden, weight, labels, teacher_ids=ids, teacher_logprobs=lp,
+                                         teacher_tail_logmass=torch.zeros(5))
