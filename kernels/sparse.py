@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from ._core import (check_ignore_index, check_temperature, default_fused_chunk_size, flatten_rows, index_labels,
-                    scale_saved_grad)
+                    scale_rows_, scale_saved_grad)
 
 
 def _teacher_rows(ids, logprobs, n_rows: int, vocab: int):
@@ -175,8 +175,15 @@ class FusedLinearSparseDistill(torch.autograd.Function):
         ce = (ce_sum / denom).to(torch.float32)
         kl = (kl_sum / denom).to(torch.float32)
         loss = ((alpha * ce_sum + (1.0 - alpha) * temperature**2 * kl_sum) / denom).to(torch.float32)
-        ctx.save_for_backward(*[None if g is None else g.to(x.dtype)
-                                for g, x in ((grad_h, hidden), (grad_w, weight), (grad_b, bias))])
+        # float16 inputs: a power-of-two scale per row until backward applies the incoming gradient
+        # (the fp16 loss scale), as in the fused loss (kernels/_core.py, "Float16 gradients").
+        saved = []
+        for grad, x in ((grad_h, hidden), (grad_w, weight), (grad_b, bias)):
+            row_scale = None
+            if grad is not None and x.dtype == torch.float16:
+                row_scale = scale_rows_(grad.view(-1, grad.shape[-1]))
+            saved += [None if grad is None else grad.to(x.dtype), row_scale]
+        ctx.save_for_backward(*saved)
         ctx.shape = shape
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
@@ -184,7 +191,8 @@ class FusedLinearSparseDistill(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        grads = [scale_saved_grad(g, grad_loss) for g in ctx.saved_tensors]
+        g_h, s_h, g_w, s_w, g_b, s_b = ctx.saved_tensors
+        grads = [scale_saved_grad(g, grad_loss, sc) for g, sc in ((g_h, s_h), (g_w, s_w), (g_b, s_b))]
         if grads[0] is not None:
             grads[0] = grads[0].view(ctx.shape)
         return (*grads, None, None, None, None, None, None, None, None)
@@ -203,7 +211,8 @@ def fused_linear_sparse_distill_loss(student_hidden, student_weight, labels, *, 
     (default: from 1 - sum exp(teacher_logprobs); -inf: no tail). D is the top-k objective with a
     tail bucket of the module docstring. Returns (loss, ce, kl): loss carries the gradient (to the
     student's hidden states, weight and bias); ce and kl (D without T^2) are detached float32.
-    Math in float32; the gradients are rounded to the inputs' dtypes.
+    Math in float32; the gradients are rounded to the inputs' dtypes (float16 ones after a
+    per-row power-of-two scale, so the fp16 loss scale is applied before they are rounded).
     """
     temperature = check_temperature(temperature)
     ignore_index = check_ignore_index(ignore_index)

@@ -159,3 +159,31 @@ def test_a_bad_tail_is_refused():
     with pytest.raises(ValueError, match="expected 37"):
         fused_linear_sparse_distill_loss(hidden, weight, labels, teacher_ids=ids, teacher_logprobs=lp,
                                          teacher_tail_logmass=torch.zeros(5))
+
+
+def test_fp16_gradients_survive_the_loss_scale():
+    """float16 inputs: the gradients keep a per-row scale until backward applies the incoming
+    gradient (the fp16 loss scale), as the fused loss's do: at 2^16 none is inf, and the entries
+    that are normal float16 numbers once scaled are within 2% of the float64 gradient."""
+    g = torch.Generator().manual_seed(3)
+    n, hid, vocab, k = 512, 64, 4096, 16
+    h = torch.randn(n, hid, generator=g)
+    w = torch.randn(vocab, hid, generator=g) * (3.0 / hid**0.5)
+    teacher = torch.log_softmax((h + 0.5 * torch.randn(n, hid, generator=g)) @ w.t(), -1)
+    lp, ids = teacher.topk(k, -1)
+    labels = ids[:, 0].clone()
+    labels[::7] = -100
+    h16, w16 = h.half().requires_grad_(), w.half().requires_grad_()
+    loss = fused_linear_sparse_distill_loss(h16, w16, labels, teacher_ids=ids, teacher_logprobs=lp.half(),
+                                            alpha=0.5, temperature=2.0)[0]
+    h64, w64 = h.half().double().requires_grad_(), w.half().double().requires_grad_()
+    ref = naive_sparse_distill_loss(h64 @ w64.t(), labels, ids, lp.half().double(), alpha=0.5, temperature=2.0)[0]
+    ref_h, ref_w = torch.autograd.grad(ref, (h64, w64))
+    for scale in (2.0**15, 2.0**16):
+        got_h, got_w = torch.autograd.grad(loss, (h16, w16), grad_outputs=torch.tensor(scale), retain_graph=True)
+        for got, want in ((got_h, ref_h), (got_w, ref_w)):
+            assert got.dtype == torch.float16 and not torch.isinf(got).any()
+            want = want * scale
+            normal = (want.abs() >= 2.0**-14) & (want.abs() <= 65504)
+            bad = normal & ((got.double() - want).abs() > 0.02 * want.abs())
+            assert int(normal.sum()) > 1000 and int(bad.sum()) <= 1e-3 * int(normal.sum()), (scale, int(bad.sum()))
