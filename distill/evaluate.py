@@ -33,16 +33,17 @@ import contextlib
 import os
 import sys
 
+from distill import runtime
 from distill.errors import UserError
 from distill.metrics import (METRICS, SPEED_KEYS, compute_metrics, encode, generate,
-                             measure_speed, memory_method, pick_main_metric, weights_bytes)
+                             memory_method, pick_main_metric, weights_bytes)
 from distill.report_files import (N_EXAMPLES, format_table, name_models, pick_examples,
                                   write_report)
 
 __all__ = ["compute_metrics", "pick_main_metric", "run_report", "format_table", "write_report",
            "parse_student", "main"]
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 MB = 1024 * 1024
 
 
@@ -68,6 +69,8 @@ def _load(path: str, role: str, device, trust_remote_code: bool):
     # the trainer's --model-type check, so it calls it rather than load_teacher.
     from distill.models import load_pretrained
 
+    if runtime.is_runtime_folder(path):  # a CTranslate2 / ONNX export of a student (distill/runtime.py)
+        return runtime.load(path, role, device)
     flag = f"--{role}"
     try:
         model = load_pretrained(AutoModelForSeq2SeqLM.from_pretrained, path, role, flag,
@@ -88,6 +91,8 @@ def _load(path: str, role: str, device, trust_remote_code: bool):
 def _check_folder(path: str, role: str) -> None:
     """Fail before any loading when a model folder lacks its config or tokenizer. The tokenizer
     check matters: transformers 5 quietly builds an empty tokenizer from config.json alone."""
+    if runtime.is_runtime_folder(path):
+        return runtime.check_folder(path, role)  # a runtime export has files of its own
     if not os.path.isdir(path):
         return  # a Hub id: the loader explains its own failures
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -240,9 +245,10 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
                 predictions[e["name"]] = _predict(
                     e, sources, prefix=source_prefix, max_source_length=max_source_length,
                     max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
-                sizes = {"dtype": str(next(e["model"].parameters()).dtype).replace("torch.", ""),
-                         "parameters": sum(p.numel() for p in e["model"].parameters()),
-                         "weights_mb": weights_bytes(e["model"]) / MB}
+                sizes = e["model"].sizes() if isinstance(e["model"], runtime.RuntimeModel) else {
+                    "dtype": str(next(e["model"].parameters()).dtype).replace("torch.", ""),
+                    "parameters": sum(p.numel() for p in e["model"].parameters()),
+                    "weights_mb": weights_bytes(e["model"]) / MB}
             models[e["name"]] = {
                 "role": e["role"],
                 "path": e["path"],
@@ -252,7 +258,7 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
             }
         speed = {}
         if not skip_speed:
-            speed = measure_speed(
+            speed = runtime.measure_speed(
                 {e["name"]: (e["model"], e["tokenizer"]) for e in entries if e["model"] is not None}, sources,
                 source_prefix=source_prefix, max_source_length=max_source_length,
                 max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams,

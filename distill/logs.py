@@ -18,6 +18,7 @@ What `quiet_libraries()` does to records of the loggers in LIBRARY_LOGGERS and t
   parameter fetch and release at DEBUG (hundreds of lines per forward of a 4-layer toy teacher).
 - Records of level ERROR and above still reach the console, one line each on stderr: an error
   from a library is something the user has to see.
+- Records of WARNING and up are also handed to `forward`, when set: the run's train.log.
 Python warnings raised from inside these libraries' files go to the same log. Warnings that a
 library attributes to our own files (stacklevel), and everything our code prints, are untouched.
 
@@ -82,6 +83,8 @@ class _Router(logging.Handler):
     def emit(self, record):
         try:
             self.log._write(self.format(record))
+            if self.log.forward is not None and record.levelno >= logging.WARNING:
+                self.log.forward.handle(record)  # the run's train.log (distill/run_log.py)
             if not self.log.verbose and record.levelno >= CONSOLE_LEVEL:
                 print(self.console.format(record), file=sys.stderr, flush=True)
         except Exception:  # a logging failure must not end the run (logging's own rule)
@@ -135,6 +138,7 @@ class LibraryLog:
         self._asked_level: dict[str, int] = {}
         self._showwarning = None
         self._hf_bars = False  # whether transformers showed its progress bars before _start
+        self.forward: logging.Handler | None = None  # gets the records of WARNING and up too
         self.closed = False
 
     # ---- records -----------------------------------------------------------------------------
