@@ -10,6 +10,11 @@ on a teacher and a student built from configs (no download), with the same batch
                        states, kernels.fused_linear_distill_loss via distill.objective (no full
                        logits of either model), backward, AdamW step
   distill (naive)      the same with `--loss-impl naive` (full logits of both, plain torch loss)
+  distill (cache)      training from a teacher cache (--teacher-cache): the batch's sparse targets
+                       (topk, --cache-k, fp16) read back from a cache shard written for it in a
+                       temporary folder (distill.teacher_cache; from the page cache, as a warm
+                       cache is read), student decoder states, the sparse fused loss, backward,
+                       AdamW step. No teacher runs; its ratio is against the student plain step.
 
 The modes run round-robin (the order rotates) for --repeats rounds after a warm-up round, so
 drift of a shared machine's speed hits every mode alike. The ratio is median(distill) /
@@ -25,6 +30,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -43,7 +49,7 @@ PRESETS = {
     "base": dict(model=dict(vocab_size=50265, d_model=768, layers=6, heads=12, ffn=3072, max_positions=256),
                  student_layers=3, batch=8, source_len=256, target_len=128, repeats=5),
 }
-MODES = ["teacher_forward", "student_plain_step", "distill_fused", "distill_naive"]
+MODES = ["teacher_forward", "student_plain_step", "distill_fused", "distill_naive", "distill_cache"]
 
 
 def build(preset: dict, model_type: str, seed: int):
@@ -69,7 +75,31 @@ def build(preset: dict, model_type: str, seed: int):
     return teacher, student, batch
 
 
-def make_steps(teacher, student, batch, alpha: float, temperature: float):
+def cached_targets(teacher, batch, k: int, folder: str):
+    """A TeacherCache holding the batch's rows (the teacher's top-k targets, as cache_teacher
+    makes them) and the batch's `cache_row`s."""
+    from . import teacher_cache_files as files
+    from .teacher_cache import TeacherCache, sparse_targets
+
+    ids, am, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    with torch.no_grad():
+        logits = teacher(input_ids=ids, attention_mask=am, labels=lab).logits
+    mask = lab != -100
+    got = sparse_targets(logits[mask].cpu(), "topk", k)
+    rows = [(ids[i].tolist(), lab[i][mask[i]].tolist()) for i in range(ids.shape[0])]
+    counts = mask.sum(1).cpu()
+    tensors = {"row_keys": torch.tensor([list(files.row_key(a, b)) for a, b in rows], dtype=torch.uint8),
+               "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
+               "labels": lab[mask].cpu().to(torch.int32), "ids": got["ids"],
+               "logprobs": got["logprobs"].half(), "tail": got["tail"]}
+    files.write_shard(folder, "train", 0, 0, tensors)
+    manifest = {"identity": {"method": "topk", "top_k": k, "shard_size": len(rows),
+                             "splits": {"train": {"rows": len(rows)}}}}
+    cache = TeacherCache(folder, manifest, log=lambda *_: None)
+    return cache, torch.tensor([cache.locate(a, b) for a, b in rows])
+
+
+def make_steps(teacher, student, batch, alpha: float, temperature: float, cache=None):
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
     ids, am, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
 
@@ -97,8 +127,21 @@ def make_steps(teacher, student, batch, alpha: float, temperature: float):
             opt.zero_grad(set_to_none=True)
         return step
 
-    return {"teacher_forward": teacher_forward, "student_plain_step": student_plain_step,
-            "distill_fused": distill("fused"), "distill_naive": distill("naive")}
+    def from_cache():
+        objective = Objective(alpha=alpha, temperature=temperature)
+        store, rows = cache
+        t_ids, t_lp, t_tail = store.targets(rows, lab, temperature)
+        s_hidden = decoder_hidden(student, ids, am, lab)
+        loss, _, _ = objective.sparse(s_hidden, lm_head_of(student), lab, t_ids, t_lp, t_tail)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    steps = {"teacher_forward": teacher_forward, "student_plain_step": student_plain_step,
+             "distill_fused": distill("fused"), "distill_naive": distill("naive")}
+    if cache is not None:
+        steps["distill_cache"] = from_cache
+    return steps
 
 
 def measure(steps: dict, repeats: int, device: torch.device):
@@ -124,7 +167,11 @@ def measure(steps: dict, repeats: int, device: torch.device):
     rows = []
     for m in names:
         r = {"mode": m, "time_s": med[m], "peak_mb": peaks[m]}
-        if m.startswith("distill"):
+        if m == "distill_cache":  # no teacher runs: against the step it would replace
+            r["x_student_plain_step"] = med[m] / med["student_plain_step"]
+            each = [a / b for a, b in zip(times[m], times["student_plain_step"])]
+            r["x_range"] = [min(each), max(each)]
+        elif m.startswith("distill"):
             r["x_teacher_fwd_plus_student_step"] = med[m] / base
             each = [a / b for a, b in zip(times[m], per_round)]
             r["x_range"] = [min(each), max(each)]
@@ -148,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-k", type=int, default=64, help="K of the distill_cache mode's topk cache")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     presets = args.preset.split(",")
@@ -174,7 +222,9 @@ def main(argv=None) -> int:
         student.to(device)
         batch = {k: v.to(device) for k, v in batch.items()}
         repeats = args.repeats or preset["repeats"]
-        rows = measure(make_steps(teacher, student, batch, args.alpha, args.temperature), repeats, device)
+        with tempfile.TemporaryDirectory() as folder:
+            cache = cached_targets(teacher, batch, args.cache_k, folder)
+            rows = measure(make_steps(teacher, student, batch, args.alpha, args.temperature, cache), repeats, device)
         tokens = int((batch["labels"] != -100).sum())
         info = {"preset": name, "model_type": args.model_type, "repeats": repeats, "teacher_params": count(teacher),
                 "student_params": count(student), "vocab": teacher.config.vocab_size,
@@ -186,9 +236,9 @@ def main(argv=None) -> int:
                   f"{info['student_params'] / 1e6:.1f}M, vocab {info['vocab']}, batch {info['batch']} x source "
                   f"{info['source_len']} / target {info['target_len']} ({tokens} target tokens); {repeats} rounds")
             print(f"{'mode':22} {'time_s':>8} {'peak_MB':>9} {'x (teacher fwd + student step)':>31} "
-                  f"{'per-round range':>16}")
+                  f"{'per-round range':>16}   (distill_cache: x student plain step, K={args.cache_k})")
             for r in rows:
-                ratio = r.get("x_teacher_fwd_plus_student_step")
+                ratio = r.get("x_teacher_fwd_plus_student_step", r.get("x_student_plain_step"))
                 spread = "-" if ratio is None else "{:.2f}-{:.2f}".format(*r["x_range"])
                 print(f"{r['mode']:22} {r['time_s']:8.3f} {r['peak_mb']:9.1f} "
                       f"{'-' if ratio is None else format(ratio, '.2f'):>31} {spread:>16}")

@@ -373,5 +373,9 @@ class Seq2SeqCollator:
 
     def __call__(self, features: list[dict]):
         keep = ("input_ids", "attention_mask", "labels")
-        batch = self._collate([{k: f[k] for k in keep if k in f} for f in features])
-        return dict(batch)
+        batch = dict(self._collate([{k: f[k] for k in keep if k in f} for f in features]))
+        if features and "cache_row" in features[0]:  # where a --teacher-cache holds the row's targets
+            import torch
+
+            batch["cache_row"] = torch.tensor([f["cache_row"] for f in features], dtype=torch.long)
+        return batch

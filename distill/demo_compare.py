@@ -17,6 +17,10 @@ Methods (the options each adds to the student's training run):
     seq_kd        sequence-level KD: CE on the teacher's greedy outputs for the training inputs
                   (python -m distill.pseudo_label, made once for all seeds), alpha 1
     seq_kd_kd     both: the teacher's outputs as targets and word-level KD, alpha 0.5
+    kd_cache_topkK, kd_cache_sampleK (K = 8, 32, 64)
+                  kd trained from a teacher cache (python -m distill.cache_teacher, built once
+                  per method and K over the rows the students train on): the sparse loss
+                  instead of the live teacher (not in the default list: --methods names them)
 Every method's figure is reported, including those that do not help.
 """
 from __future__ import annotations
@@ -38,6 +42,11 @@ METHODS: dict[str, dict] = {
     "seq_kd_kd": dict(label="sequence-level + word-level KD", alpha=0.5, target_source="teacher",
                       pseudo_labels=PSEUDO),
 }
+CACHE = "<teacher-cache>"  # stands for the folder run_compare builds with distill.cache_teacher
+CACHE_KS = (8, 32, 64)
+CACHE_METHODS = {f"kd_cache_{how}{k}": dict(label=f"word-level KD from a {how} K={k} teacher cache", alpha=0.5,
+                                             teacher_cache=(CACHE, how, k))
+                 for how in ("topk", "sample") for k in CACHE_KS}
 DEFAULT_SEEDS = (0, 1, 2)
 
 
@@ -45,9 +54,10 @@ def parse_methods(text: str | None) -> list[str]:
     from distill.errors import UserError
 
     names = list(METHODS) if not text else [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
+    unknown = [m for m in names if m not in METHODS and m not in CACHE_METHODS]
     if unknown:
-        raise UserError(f"--methods: unknown method(s) {', '.join(unknown)}; pick from {', '.join(METHODS)}")
+        raise UserError(f"--methods: unknown method(s) {', '.join(unknown)}; pick from "
+                        f"{', '.join([*METHODS, *CACHE_METHODS])}")
     return names
 
 
@@ -78,22 +88,31 @@ def run_compare(train, teacher: str, task_dir: str, out: str, test: list[dict], 
     from distill.evaluate import run_report
 
     pseudo = None
-    if any(METHODS[m].get("pseudo_labels") == PSEUDO for m in methods):
+    if any(METHODS.get(m, {}).get("pseudo_labels") == PSEUDO for m in methods):
         pseudo = make_pseudo_labels(teacher, task_dir, os.path.join(out, "teacher-outputs"),
                                     rows=budget["rows"], max_len=max_len, log=log)
     setting = _setting(labeled_rows)
+    caches = {}
+    for method in methods:
+        if method in CACHE_METHODS:
+            _, how, k = CACHE_METHODS[method]["teacher_cache"]
+            caches[method] = make_teacher_cache(teacher, task_dir, os.path.join(out, f"teacher-cache-{how}{k}" + setting),
+                                                rows=labeled_rows or budget["rows"], max_len=max_len, how=how, k=k,
+                                                log=log)
     runs = {}
     for seed in seeds:
         students = []
         for method in methods:
-            spec = {k: (pseudo if v == PSEUDO else v) for k, v in METHODS[method].items() if k != "label"}
-            if labeled_rows and METHODS[method].get("pseudo_labels") != PSEUDO:
+            spec = {k: (pseudo if v == PSEUDO else caches[method] if k == "teacher_cache" else v)
+                    for k, v in {**METHODS, **CACHE_METHODS}[method].items() if k != "label"}
+            if labeled_rows and METHODS.get(method, {}).get("pseudo_labels") != PSEUDO:
                 spec["max_train_samples"] = labeled_rows
             folder = os.path.join(out, "compare", f"{method}-seed{seed}" + setting)
+            label = {**METHODS, **CACHE_METHODS}[method]["label"]
             if _trained(folder, dict(spec, seed=seed, max_steps=budget["steps"])):
-                log(f"compare: {METHODS[method]['label']}, seed {seed}: trained already in {folder}")
+                log(f"compare: {label}, seed {seed}: trained already in {folder}")
             else:
-                log(f"compare: {METHODS[method]['label']}, seed {seed}")
+                log(f"compare: {label}, seed {seed}")
                 train(teacher, task_dir, folder, layers, student_init="teacher",
                       **dict(budget, seed=seed), **spec)
             students.append((f"{method}-seed{seed}", folder))
@@ -150,13 +169,32 @@ def make_pseudo_labels(teacher: str, task_dir: str, folder: str, *, rows: int, m
     return folder
 
 
+def make_teacher_cache(teacher: str, task_dir: str, folder: str, *, rows: int, max_len: int, how: str, k: int,
+                       log=print) -> str:
+    """A teacher cache (method `how`, K = `k`) over the first `rows` training rows and the
+    validation rows, with the data options the students train with; an earlier identical one is
+    continued (kept)."""
+    from distill import cache_teacher
+    from distill.errors import UserError
+
+    log(f"compare: a {how} K={k} teacher cache over {rows} training rows")
+    code = cache_teacher.main(["--model-type", "bart", "--teacher-local-path", teacher, "--dataset-local-path",
+                               task_dir, "--cache-dir", folder, "--max-source-length", str(max_len),
+                               "--max-target-length", str(max_len), "--max-train-samples", str(rows),
+                               "--per-device-batch-size", "64", "--top-k", str(k), "--cache-method", how,
+                               "--overwrite-cache"])
+    if code != 0:
+        raise UserError(f"building the teacher cache in {folder} failed (exit {code}); see the lines above")
+    return folder
+
+
 def summarize(runs: dict[str, float], methods: list[str], seeds: list[int]) -> dict:
     """{"teacher": score, "methods": {method: {"label", "scores", "mean", "min", "max", "spread",
     "gain_over_ce", "gain_exceeds_spread"}}} from `runs` keyed "METHOD-seedN" (and "teacher")."""
     out = {"teacher": runs.get("teacher"), "seeds": seeds, "methods": {}}
     for method in methods:
         scores = [runs[f"{method}-seed{s}"] for s in seeds]
-        out["methods"][method] = {"label": METHODS[method]["label"], "scores": scores,
+        out["methods"][method] = {"label": {**METHODS, **CACHE_METHODS}[method]["label"], "scores": scores,
                                   "mean": statistics.fmean(scores), "min": min(scores),
                                   "max": max(scores), "spread": max(scores) - min(scores)}
     base = out["methods"].get("ce")

@@ -74,3 +74,14 @@ class Objective:
         kl = kl_term / self.temperature ** 2
         return loss, ce.detach(), kl.detach()
 
+    def sparse(self, student_hidden, student_head, labels, teacher_ids, teacher_logprobs, teacher_tail):
+        """(loss, ce, kl) against a sparse teacher (a teacher cache's targets, distill/teacher_cache.py):
+        alpha * CE + (1 - alpha) * T^2 * the top-k forward KL with its tail bucket
+        (kernels.fused_linear_sparse_distill_loss; student logits never whole)."""
+        from distill.kernel_ops import kernels
+
+        s_w, s_b = student_head
+        return kernels.fused_linear_sparse_distill_loss(
+            student_hidden, s_w, labels, teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs,
+            teacher_tail_logmass=teacher_tail, student_bias=s_b, alpha=self.alpha,
+            temperature=self.temperature, ignore_index=IGNORE_INDEX)

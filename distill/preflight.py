@@ -57,6 +57,11 @@ def check(cfg: DistillConfig, world_size: int) -> None:
 
         check_for_training(os.path.expanduser(str(cfg.pseudo_labels)), source_prefix=cfg.source_prefix,
                            max_source_length=cfg.max_source_length)
+    if not is_unset(cfg.teacher_cache):  # the teacher, tokenizer and rows are compared in train.run
+        from distill.teacher_cache_files import check_for_training as check_cache
+
+        check_cache(os.path.expanduser(str(cfg.teacher_cache)), source_prefix=cfg.source_prefix,
+                    max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length)
     distributed.check_ds_configs(cfg, world_size)
     distributed.resolve_grad_accum(cfg, world_size)
 

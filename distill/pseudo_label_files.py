@@ -76,8 +76,9 @@ def _weight_names(folder: str, exists) -> list[str]:
 
 
 def teacher_fingerprint(source: str) -> dict:
-    """{"sha256", "files"}: config.json and the weight files of the teacher at `source` (a folder,
-    or a hub id resolved to its files in the Hugging Face cache, downloaded when missing)."""
+    """{"sha256", "files", "paths"}: config.json and the weight files of the teacher at `source`
+    (a folder, or a hub id resolved to its files in the Hugging Face cache, downloaded when
+    missing); "paths" are where they are on disk."""
     if os.path.isdir(source):
         folder = source
         files = ["config.json", *_weight_names(folder, lambda n: os.path.isfile(os.path.join(folder, n)))]
@@ -87,7 +88,7 @@ def teacher_fingerprint(source: str) -> dict:
     h = hashlib.sha256()
     for path in paths:
         _hash_file(h, path)
-    return {"sha256": h.hexdigest(), "files": files}
+    return {"sha256": h.hexdigest(), "files": files, "paths": paths}
 
 
 def _hub_files(repo: str) -> tuple[list[str], list[str]]:
@@ -150,11 +151,11 @@ def sources_fingerprint(texts: Iterable[str]) -> str:
 
 # ----------------------------------------------------------------------------- files
 
-def write_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` so that the file is either absent/old or whole, never partial."""
+def write_atomic(path: str, text: str | bytes) -> None:
+    """Write `text` (or bytes) to `path` so that the file is either absent/old or whole, never partial."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f"{_TMP_PREFIX}{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with (open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8")) as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())

@@ -8,7 +8,7 @@ the teacher's ZeRO-3 partitioned tensors. Callers use these names as `models.<na
                     check_vocab (the layer map: which teacher tensor each student tensor copies)
     heads.py        lm_head_of (BART's final_logits_bias), decoder_hidden (T5's output scaling),
                     HiddenStates (the module the DeepSpeed engines run)
-    partitioned.py  module_tensor_getter, gathering_tensor_getter, gathered_lm_head,
+    partitioned.py  module_tensor_getter, gathering_tensor_getter, file_tensor_getter, gathered_lm_head,
                     teacher_memory_line (through distill/zero.py)
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from distill.models.student import (HEAD_DIM_MULTIPLE, build_student, check_voca
 # that the option checks (distill/preflight.py), which use only the loaders, stay torch-free.
 _LAZY = {"lm_head_of": "heads", "decoder_hidden": "heads", "HiddenStates": "heads",
          "module_tensor_getter": "partitioned", "gathering_tensor_getter": "partitioned",
+         "file_tensor_getter": "partitioned",
          "gathered_lm_head": "partitioned", "teacher_memory_line": "partitioned"}
 
 __all__ = ["HEAD_DIM_MULTIPLE", "MODEL_FAMILIES", "build_student",

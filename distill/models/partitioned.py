@@ -39,6 +39,48 @@ def gathering_tensor_getter(model) -> Callable[[str], torch.Tensor]:
     return get
 
 
+def file_tensor_getter(weight_paths: list[str], teacher_config):
+    """A `get_teacher_tensor` for build_student that reads the teacher's tensors one at a time
+    from its safetensors files (memory-mapped), the teacher model never built: a student trained
+    from a teacher cache takes the teacher's layers without its memory. None when the files are
+    not safetensors, or do not hold every tensor (the caller then loads the teacher).
+
+    Names are the model's parameter and buffer names; a tied parameter that the file stores
+    under another name (BART's and T5's embeddings and lm_head share `shared.weight`) is found
+    through the ties of a skeleton of the model built on the meta device (no memory)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForSeq2SeqLM
+
+    files = [p for p in weight_paths if p.endswith(".safetensors")]
+    if not files:
+        return None
+    where = {}
+    for path in files:
+        with safe_open(path, framework="pt") as fh:
+            where.update({key: path for key in fh.keys()})
+    with torch.device("meta"):
+        skeleton = AutoModelForSeq2SeqLM.from_config(teacher_config)
+    tied: dict[int, list[str]] = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    source = {}
+    for names in tied.values():
+        stored = next((n for n in names if n in where), None)
+        if stored is None:
+            return None
+        source.update({n: stored for n in names})
+    for name, _ in skeleton.named_buffers():
+        if name in where:
+            source[name] = name
+
+    def get(name: str) -> torch.Tensor:
+        key = source[name]
+        with safe_open(where[key], framework="pt") as fh:
+            return fh.get_tensor(key)
+
+    return get
+
+
 @contextlib.contextmanager
 def gathered_lm_head(model):
     """The model's (lm_head weight, bias), detached, with the weight gathered when ZeRO-3
