@@ -33,5 +33,11 @@ setup(
         "sacrebleu>=2.4",
         "matplotlib>=3.8",
     ],
+    # --report-to's trackers (distill/tracking.py imports each only when asked for); mlflow-skinny
+    # has the client and the file store; the full mlflow adds the UI server.
+    # --export-runtime / python -m distill.export_runtime (distill/runtime.py imports each only
+    # for its target): CTranslate2, and ONNX Runtime with onnx (its int8 quantizer edits graphs with it).
+    extras_require={"tracking": ["tensorboard>=2.14", "wandb>=0.19", "mlflow-skinny>=3.0"],
+                    "runtime": ["ctranslate2>=4.8.5,<5", "onnxruntime>=1.20", "onnx>=1.17"]},
     entry_points={"console_scripts": ["seq2seq-distill=distill.train:main"]},
 )

@@ -14,13 +14,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from distill import config_checks
 from distill.errors import UserError
+from distill.unset import is_unset  # noqa: F401  (the one "unset" rule, config.is_unset to its users)
 
 MODEL_TYPES = ("bart", "mbart", "t5", "mt5")
 LOSS_IMPLS = ("fused", "chunked", "naive")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 STUDENT_INITS = ("teacher", "random")
 TARGET_SOURCES = ("reference", "teacher", "mixed")
+LOG_LEVELS = ("debug", "info", "warning", "error")  # distill/run_log.py's LEVELS
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(_HERE), "ds_configs", "zero2.json")
 DEFAULT_TEACHER_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(_HERE), "ds_configs", "zero3_teacher.json")
@@ -83,6 +86,11 @@ class DistillConfig:
                              "target column) or mixed (each training example twice, with its "
                              "reference and with the teacher's output). Validation keeps its "
                              "references.", choices=TARGET_SOURCES)
+    teacher_cache: Optional[str] = opt(None, "Folder written by python -m distill.cache_teacher: the "
+                                        "teacher's sparse predictions for this run's rows. The teacher "
+                                        "is then never loaded for training (its weights are read tensor "
+                                        "by tensor to initialise the student); the loss is the sparse "
+                                        "one (forward KL over the cached tokens, kernels/sparse.py).")
     # --- objective ---------------------------------------------------------------------------
     alpha: float = opt(0.5, "Weight of the cross-entropy on the labels; 1 - alpha weighs the KL to "
                        "the teacher. alpha=1 trains on labels only (the teacher is not run).")
@@ -154,7 +162,17 @@ class DistillConfig:
     overwrite_output_dir: bool = opt(False, "Allow a non-empty --output-dir (its files may be replaced).")
     skip_report: bool = opt(False, "Do not run the teacher-vs-student report at the end.")
     report_samples: int = opt(200, "Validation/test rows used by the final report.")
+    export_runtime: Optional[str] = opt(None, "Also export the student for a serving runtime: ct2 "
+                                        "(CTranslate2), onnx (ONNX Runtime) or ct2,onnx, into "
+                                        "OUTPUT_DIR/runtime/, each kept only if it passes the parity check; "
+                                        "the report gets a row per runtime.")
+    export_quantization: Optional[str] = opt(None, "Weights of --export-runtime: int8, int8_float16 or "
+                                             "float16 (onnx: int8 only); default float32.")
     logging_steps: int = opt(10, "Log losses every N steps.")
+    log_level: str = opt("info", "What the console and OUTPUT_DIR/train.log show: debug, info, warning "
+                         "(warnings and errors only) or error.", choices=LOG_LEVELS)
+    report_to: str = opt("none", "Experiment trackers: none, or a comma list of tensorboard, wandb, "
+                         "mlflow (README: Watching a run).")
     config: Optional[str] = opt(None, "json or yaml file with any of these options (keys with "
                                 "dashes or underscores); flags given on the command line win.")
 
@@ -222,37 +240,21 @@ class DistillConfig:
         if self.target_source == "reference" and not is_unset(self.pseudo_labels):
             raise UserError("--pseudo-labels is given but --target-source is reference, which does not "
                             "use it; pass --target-source teacher or mixed, or drop --pseudo-labels")
+        config_checks.check_teacher_cache(self)
+        from distill.tracking import parse_report_to  # the trackers' names live with them
+
+        parse_report_to(self.report_to)  # raises UserError on an unknown one
+        from distill.runtime import parse_targets  # the runtimes' names and packages live with them
+
+        parse_targets(self.export_runtime, self.export_quantization, "--export-runtime", "--export-quantization")
+        if self.log_level not in LOG_LEVELS:
+            raise UserError(f"--log-level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.teacher_zero_stage not in (None, 0, 3):
             raise UserError(f"--teacher-zero-stage {self.teacher_zero_stage} is not supported; use 0 or 3")
-        self._check_on_policy()
-
-    def _check_on_policy(self):
-        for name in ("on_policy_ratio", "seq_kd_ratio"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise UserError(f"--{name.replace('_', '-')} {value} is outside [0, 1]; use e.g. "
-                                f"--{name.replace('_', '-')} 0.5 (the share of micro-batches with generated targets)")
-        if self.on_policy_ratio + self.seq_kd_ratio > 1.0 + 1e-9:
-            raise UserError(f"--on-policy-ratio {self.on_policy_ratio} + --seq-kd-ratio {self.seq_kd_ratio} "
-                            "is more than 1; lower one so that they sum to at most 1 (the rest use the dataset's targets)")
-        if self.alpha >= 1.0 and (self.on_policy_ratio > 0 or self.seq_kd_ratio > 0):
-            flag = "--on-policy-ratio" if self.on_policy_ratio > 0 else "--seq-kd-ratio"
-            raise UserError(f"{flag} needs the teacher, but --alpha 1 trains on labels only and never runs "
-                            f"it; use --alpha below 1 (e.g. 0.5) or drop {flag}")
-        if not self.on_policy_temperature > 0:
-            raise UserError(f"--on-policy-temperature {self.on_policy_temperature} must be > 0; use e.g. "
-                            "--on-policy-temperature 1")
-        if self.on_policy_max_new_tokens is not None and self.on_policy_max_new_tokens < 1:
-            raise UserError(f"--on-policy-max-new-tokens {self.on_policy_max_new_tokens} must be >= 1")
+        config_checks.check_on_policy(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def is_unset(value) -> bool:
-    """True for None, "" (or blanks) and the literal string None/none: the seed CLI and the launch
-    scripts pass `None` for "unset". The one rule for every optional value (config, models, data)."""
-    return value is None or (isinstance(value, str) and value.strip() in ("", "None", "none"))
 
 
 def _none(value):

@@ -50,6 +50,8 @@ class BadLossError(UserError):
 class Distiller:
     """Owns the engines, the data loaders and the loop. Built by train.run()."""
 
+    cache = None  # a teacher_cache.TeacherCache with --teacher-cache (build_engines)
+
     def __init__(self, cfg, *, rank: int, world_size: int, local_rank: int, log: Callable[[str], None]):
         self.cfg, self.rank, self.world_size, self.log = cfg, rank, world_size, log
         self.device = device_for(local_rank)
@@ -57,6 +59,7 @@ class Distiller:
         self.grad_accum = resolve_grad_accum(cfg, world_size)
         self.teacher_stage = teacher_zero_stage(cfg, world_size)
         self.stop_signal = None
+        self.track = lambda figures, step: None  # train.run sets the trackers' (distill/tracking.py)
         self.teacher_memory = None  # set by load_teacher; stays None when the teacher is not loaded
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -75,7 +78,9 @@ class Distiller:
         self.log(line, all_ranks=True)
         return teacher
 
-    def build_engines(self, teacher, student, steps_per_epoch: int, total_steps: int):
+    def build_engines(self, teacher, student, steps_per_epoch: int, total_steps: int, cache=None):
+        """`cache`: a teacher_cache.TeacherCache (--teacher-cache): the teacher's targets come from
+        it and `teacher` is None (never loaded)."""
         import deepspeed
 
         self.total_steps = total_steps
@@ -100,9 +105,10 @@ class Distiller:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         self.optimizer_name = f"{type(inner).__module__}.{type(inner).__name__}"
         self.teacher = None
+        self.cache = cache
         # Kept only when the teacher runs: a labels-only run frees it once the student is built.
-        self.teacher_model = teacher if self.cfg.alpha < 1.0 else None
-        if self.cfg.alpha < 1.0:
+        self.teacher_model = teacher if self.cfg.alpha < 1.0 and cache is None else None
+        if self.teacher_model is not None:
             if self.teacher_stage == 3:
                 self.teacher, *_ = deepspeed.initialize(model=models.HiddenStates(teacher), config=self.teacher_ds_conf)
             else:
@@ -116,7 +122,9 @@ class Distiller:
                                                   teacher_stage=self.teacher_stage)
         self.log(f"world size {self.world_size}; student ZeRO stage {conf['zero_optimization'].get('stage', 0)}, "
                  f"{self.prec}, optimizer {self.optimizer_name}; teacher "
-                 + (f"ZeRO stage {self.teacher_stage}" if self.teacher is not None else "not run (alpha = 1)")
+                 + (f"ZeRO stage {self.teacher_stage}" if self.teacher is not None else
+                    f"not loaded (targets from the cache, {cache.method} K={cache.k})" if cache is not None
+                    else "not run (alpha = 1)")
                  + f"; micro-batch {self.cfg.per_device_batch_size} x accumulation {self.grad_accum} x "
                  f"{self.world_size} ranks = global batch {conf['train_batch_size']}; {total_steps} steps"
                  + (f"; {self.targets.describe()}" if self.targets.active else ""))
@@ -138,6 +146,11 @@ class Distiller:
         """(loss, ce, kl, hidden): hidden is layer matching's unweighted MSE (detached), None when
         --hidden-loss-weight is 0; loss already holds W * hidden."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.cache is not None:  # --teacher-cache: the teacher's sparse targets, read back
+            student_hidden = self.student(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            ids, logprobs, tail = self.cache.targets(batch["cache_row"], batch["labels"], self.cfg.temperature)
+            return (*self.objective.sparse(student_hidden, models.lm_head_of(self.student.module.model),
+                                           batch["labels"], ids, logprobs, tail), None)
         if self.teacher is None:  # alpha = 1: labels only, the teacher is never run
             student_hidden = self.student(batch["input_ids"], batch["attention_mask"], batch["labels"])
             return (*self.objective(student_hidden, models.lm_head_of(self.student.module.model), batch["labels"]),
@@ -194,7 +207,7 @@ class Distiller:
         no finite micro-batch makes no optimizer step. The data position (epoch, micro-batch) is
         kept in the state, so a resume continues after the last window trained, skipped ones
         counted."""
-        from tqdm.auto import tqdm
+        from distill.run_log import progress
 
         cfg = self.cfg
         state = dict(state or {})
@@ -211,12 +224,12 @@ class Distiller:
         self.bad_in_row = 0
         self.log_sums = [0.0] * 7  # loss, ce, kl, micro-batches, tokens, dataset micro-batches, hidden since last log
         t_log = time.time()
-        distilling = self.teacher is not None
-        # The with-block closes the bar on every exit, so an error line never lands on the bar's line.
-        with tqdm(total=self.total_steps, initial=step, disable=self.rank != 0,
-                  desc="distill" if distilling else ("train (labels only)" if cfg.target_source == "reference"
-                                                     else "train (teacher outputs)"),
-                  dynamic_ncols=True) as bar:
+        distilling = self.teacher is not None or self.cache is not None
+        # A tqdm bar on a terminal, else a line per logging step (distill/run_log.py); the with-block
+        # closes the bar on every exit, so an error line never lands on the bar's line.
+        with progress(total=self.total_steps, initial=step, disable=self.rank != 0,
+                      desc="distill" if distilling else ("train (labels only)" if cfg.target_source == "reference"
+                                                         else "train (teacher outputs)")) as bar:
             self.student.train()
             t_start = time.time()
             tokens_run = 0
@@ -247,11 +260,13 @@ class Distiller:
                     if step % cfg.logging_steps == 0 or step == self.total_steps:
                         entry = self._log_entry(step, time.time() - t_log, batches)
                         history.append(entry)
+                        self.track(entry, step)
                         bar.set_postfix(**self._shown(entry), tok_s=f"{entry['tokens_per_s']:.0f}")
                         t_log = time.time()
                     if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
                         metrics = self.evaluate(eval_loader)
                         history.append({"step": step, **metrics})
+                        self.track(metrics, step)
                         self.log(f"step {step}: eval loss {metrics['eval_loss']:.4f} (ce {metrics['eval_ce']:.4f}, "
                                  f"kl {metrics['eval_kl']:.4f}"
                                  + (f", hidden {metrics['eval_hidden']:.4f})" if cfg.hidden_loss_weight > 0 else ")"))
@@ -330,8 +345,10 @@ class Distiller:
         loss_s, ce_s, kl_s, count, toks, n_data, hidden_s = all_reduce_sum(self.log_sums, self.device)
         self.log_sums = [0.0] * 7
         lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.learning_rate
+        norm = self.student.get_global_grad_norm()  # DeepSpeed's, of the last step; None where it has none
         entry = {"step": step, "loss": loss_s / max(count, 1), **({"ce": ce_s / n_data} if n_data else {}),
-                 "kl": kl_s / max(count, 1), "tokens_per_s": toks / max(seconds, 1e-9), "lr": lr}
+                 "kl": kl_s / max(count, 1), "tokens_per_s": toks / max(seconds, 1e-9), "lr": lr,
+                 **({"grad_norm": float(norm)} if norm is not None else {})}
         if self.cfg.hidden_loss_weight > 0:  # layer matching's unweighted MSE (the loss holds W times it)
             entry["hidden"] = hidden_s / max(count, 1)
         if self.targets.active:
@@ -343,7 +360,7 @@ class Distiller:
         shown = {"loss": f"{entry['loss']:.3f}"}
         if "ce" in entry:  # absent when every micro-batch since the last log was generated
             shown["ce"] = f"{entry['ce']:.3f}"
-        if self.teacher is not None:  # without a teacher the KL term is not computed
+        if self.teacher is not None or self.cache is not None:  # without a teacher there is no KL term
             shown["kl"] = f"{entry['kl']:.3f}"
         if "hidden" in entry:
             shown["hidden"] = f"{entry['hidden']:.3f}"

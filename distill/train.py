@@ -18,34 +18,40 @@ import time
 if __package__ in (None, ""):  # `deepspeed distill/train.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distill.config import DistillConfig, parse_args  # noqa: E402
+from distill.config import DistillConfig, is_unset, parse_args  # noqa: E402
 from distill.errors import UserError  # noqa: E402
 from distill.guard import output_dir_lock  # noqa: E402
 
 EXIT_USER_ERROR = 2
 LIBRARY_LOG = "library.log"  # what DeepSpeed, torch, transformers and datasets log (distill/logs.py)
+TRAIN_LOG = "train.log"  # what the console shows, with times, and the libraries' warnings (distill/run_log.py)
 EXIT_INTERRUPTED = 3
 
 
 class Logger:
+    """The `log(line, all_ranks=)` the run's pieces are given: rank 0's lines, or every rank's
+    (prefixed `[rank N]`), as records of the run log (distill/run_log.py: console, train.log)."""
+
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
 
     def __call__(self, message: str, all_ranks: bool = False) -> None:
-        if self.rank == 0 and not all_ranks:
-            print(message, flush=True)
-        elif all_ranks:
-            prefix = f"[rank {self.rank}] " if self.world_size > 1 else ""
-            print(prefix + message, flush=True)
+        import logging
 
+        from distill.run_log import logger
 
-def _take(ds, n):
-    return ds.select(range(min(n, len(ds)))) if n is not None else ds
+        if self.rank != 0 and not all_ranks:
+            return
+        prefix = f"[rank {self.rank}] " if all_ranks and self.world_size > 1 else ""
+        # The loop's "warning: ..." lines are warnings: --log-level warning keeps them.
+        level = logging.WARNING if message.startswith("warning:") else logging.INFO
+        logger().log(level, prefix + message)
 
 
 def prepare(cfg: DistillConfig, log):
     """Everything that reads user input and can fail, before any engine or file exists."""
-    from distill import data, models
+    from distill import models
+    from distill.training_data import training_splits
 
     source = models.resolve_source(cfg.teacher, cfg.teacher_local_path, "teacher")
     # The teacher's config first: an unreachable hub teacher is then reported as the teacher.
@@ -56,35 +62,26 @@ def prepare(cfg: DistillConfig, log):
                                         num_decoder_layers=cfg.num_decoder_layers,
                                         hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size)
     models.check_vocab(tokenizer, teacher_config, student_cfg, cfg.alpha)
-    teacher_outputs = _pseudo_labels(cfg, source, tokenizer) if cfg.target_source != "reference" else None
-    # --target-source teacher trains on the teacher's outputs: the data may be inputs only.
-    raw = data.load_raw_splits(cfg.dataset, cfg.dataset_local_path, cfg.input_column, cfg.target_column,
-                               validation_ratio=cfg.validation_ratio, seed=cfg.seed,
-                               trust_remote_code=cfg.trust_remote_code,
-                               require_target=cfg.target_source != "teacher", log=log)
-    raw["train"] = _take(raw["train"], cfg.max_train_samples)
-    raw["validation"] = _take(raw["validation"], cfg.max_eval_samples)
-    if teacher_outputs is not None:
-        raw = data.apply_pseudo_labels(raw, teacher_outputs.get, cfg.target_source,
-                                       f"--pseudo-labels {cfg.pseudo_labels}", log=log)
-    tokenized = data.tokenize_splits(raw, tokenizer, max_source_length=cfg.max_source_length,
-                                     max_target_length=cfg.max_target_length,
-                                     source_prefix=cfg.source_prefix, log=log)
+    raw, tokenized = training_splits(cfg, source, tokenizer, log)
     return source, tokenizer, teacher_config, raw, tokenized
 
 
-def _pseudo_labels(cfg: DistillConfig, teacher_source: str, tokenizer):
-    """The teacher's outputs from --pseudo-labels, once they are shown to come from this run's
-    teacher (config and weights) and tokenizer; preflight checked the manifest's input settings."""
-    from distill import pseudo_label_files as files
+def _teacher_cache(cfg: DistillConfig, source: str, tokenizer, tokenized, log):
+    """--teacher-cache: (the cache, every shard's checksum verified; the teacher's weight files;
+    `tokenized` with each row's place in the cache). Refused with one line when the cache was
+    built from another teacher, tokenizer or data; preflight checked the lengths and prefix."""
+    from distill import pseudo_label_files, teacher_cache_files
+    from distill.teacher_cache import TeacherCache
 
-    folder = os.path.expanduser(str(cfg.pseudo_labels))
-    manifest = files.check_for_training(folder, source_prefix=cfg.source_prefix,
-                                        max_source_length=cfg.max_source_length)
-    files.check_teacher(folder, manifest, teacher=teacher_source,
-                        teacher_sha256=files.teacher_fingerprint(teacher_source)["sha256"],
-                        tokenizer_sha256=files.tokenizer_fingerprint(tokenizer))
-    return files.TeacherOutputs(folder, manifest)
+    folder = os.path.expanduser(str(cfg.teacher_cache))
+    manifest = teacher_cache_files.check_for_training(folder, source_prefix=cfg.source_prefix,
+                                                      max_source_length=cfg.max_source_length,
+                                                      max_target_length=cfg.max_target_length)
+    fingerprint = pseudo_label_files.teacher_fingerprint(source)
+    teacher_cache_files.check_teacher(folder, manifest, teacher=source, teacher_sha256=fingerprint["sha256"],
+                                      tokenizer_sha256=pseudo_label_files.tokenizer_fingerprint(tokenizer))
+    cache = TeacherCache(folder, manifest, log=log)
+    return cache, fingerprint["paths"], cache.attach(tokenized)
 
 
 def loaders(cfg, tokenized, tokenizer, rank, world_size, grad_accum):
@@ -121,11 +118,12 @@ def loaders(cfg, tokenized, tokenizer, rank, world_size, grad_accum):
     return train_loader, sampler, eval_loader, steps_per_epoch
 
 
-def run(cfg: DistillConfig, lib, signals) -> int:
-    """The run under train()'s lock; `signals` (signals.Signals, installed) is told each phase."""
+def run(cfg: DistillConfig, lib, signals, trackers=None) -> int:
+    """The run under train()'s lock; `signals` (signals.Signals, installed) is told each phase;
+    `trackers` (tracking.Trackers) are started on rank 0 once the input has passed."""
     import torch
 
-    from distill import checkpoint, models
+    from distill import checkpoint, models, run_log
     from distill.distributed import init_distributed
     from distill.engine import Distiller
     from distill.export import export_student
@@ -139,7 +137,7 @@ def run(cfg: DistillConfig, lib, signals) -> int:
 
         notice = ops_build_notice(load_ds_config(cfg.deepspeed, "--deepspeed"))
         if notice:
-            print(notice, flush=True)
+            Logger()(notice)
     signals.enter("starting the process group")
     rank, world_size, local_rank = init_distributed()
     log = Logger(rank, world_size)
@@ -147,11 +145,19 @@ def run(cfg: DistillConfig, lib, signals) -> int:
     distiller = Distiller(cfg, rank=rank, world_size=world_size, local_rank=local_rank, log=log)
     signals.enter("loading and tokenizing the data", "data")
     source, tokenizer, teacher_config, raw, tokenized = prepare(cfg, log)
+    cache, cache_teacher_paths = None, None
+    if not is_unset(cfg.teacher_cache):
+        cache, cache_teacher_paths, tokenized = _teacher_cache(cfg, source, tokenizer, tokenized, log)
     train_loader, sampler, eval_loader, steps_per_epoch = loaders(
         cfg, tokenized, tokenizer, rank, world_size, distiller.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     if rank == 0 and lib is not None:  # the input is valid: from here on the run writes files
         lib.attach_file(os.path.join(cfg.output_dir, LIBRARY_LOG))
+        # train.log: the lines so far, then every line, and the libraries' warnings (forwarded)
+        lib.forward = run_log.attach_file(os.path.join(cfg.output_dir, TRAIN_LOG))
+    if rank == 0 and trackers is not None:
+        trackers.start(cfg)  # after the input checks, as every file the run writes
+        distiller.track = trackers.log
     if rank == 0 and cfg.overwrite_output_dir and not (cfg.resume or cfg.resume_from):
         # A fresh run replaces the folder's run: an earlier run's checkpoints would otherwise be
         # taken by a later --resume as this run's.
@@ -167,19 +173,30 @@ def run(cfg: DistillConfig, lib, signals) -> int:
         log(f"--resume: no complete checkpoint in {cfg.output_dir}; starting from scratch")
 
     # The teacher's weights are needed to run it (alpha < 1) or to copy its layers; a labels-only
-    # run from random weights uses only its config and tokenizer.
+    # run from random weights uses only its config and tokenizer. With --teacher-cache it is not
+    # run: its layers are read from its files tensor by tensor, the model never built.
     signals.enter("loading the teacher and building the student", "teacher")
-    teacher = None
-    if cfg.alpha < 1.0 or cfg.student_init == "teacher":
+    teacher, getter = None, None
+    if cache is not None:
+        if cfg.student_init == "teacher":
+            getter = models.file_tensor_getter(cache_teacher_paths, teacher_config)
+            if getter is None:
+                log("--teacher-cache: the teacher's weights are not all in safetensors files; loading it to copy "
+                    "its layers into the student, then freeing it")
+                teacher = distiller.load_teacher(source, teacher_config)
+    elif cfg.alpha < 1.0 or cfg.student_init == "teacher":
         teacher = distiller.load_teacher(source, teacher_config)
     else:
         log("teacher weights not loaded: labels only (alpha = 1) from a random start")
     torch.manual_seed(cfg.seed)
+    if getter is None and teacher is not None:
+        getter = models.gathering_tensor_getter(teacher)
     student, info = models.build_student(
-        teacher_config, models.gathering_tensor_getter(teacher) if teacher is not None else None,
+        teacher_config, getter,
         num_encoder_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
         hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size, init=cfg.student_init, log=log)
-    distiller.build_engines(teacher, student, steps_per_epoch, total_steps)
+    distiller.build_engines(None if cache is not None else teacher, student, steps_per_epoch, total_steps,
+                            cache=cache)
     del teacher  # the engine keeps it when it runs; otherwise its memory goes now
 
     start_step, state = 0, {}
@@ -216,16 +233,28 @@ def run(cfg: DistillConfig, lib, signals) -> int:
         "teacher_zero_stage": distiller.teacher_stage, "teacher_memory_rank0": distiller.teacher_memory,
         "student": info,
     }
+    if trackers is not None:
+        trackers.final(metrics, result["step"])
+    runtimes, runtime_error = [], None
     if rank == 0:
         signals.enter("exporting the student", "export")
         export_student(distiller.student.module.model, tokenizer, cfg, info, metrics)
         what = "distilled student" if cfg.alpha < 1.0 else "model trained on labels only (alpha = 1)"
         log(f"{what} written to {cfg.output_dir}")
+        if cfg.export_runtime:  # before the report, which gets a row per runtime
+            from distill import export_runtime
+
+            signals.enter("exporting the runtimes")
+            runtimes, runtime_error = export_runtime.for_training(cfg, raw, log)
     if not cfg.skip_report:
         signals.enter("writing the report", "report")
-        _report(cfg, source, teacher_config, raw, tokenizer, distiller, log)
+        report = _report(cfg, source, teacher_config, raw, tokenizer, distiller, log, runtimes)
+        if trackers is not None:
+            trackers.report(report, result["step"])
     signals.enter("waiting for the other ranks to finish")
     _barrier()
+    if runtime_error:  # the student and the report are written; the failed runtime is not
+        raise UserError(runtime_error)  # one line on stderr (main) and in train.log (train), exit 2
     return 0
 
 
@@ -236,7 +265,7 @@ def _barrier():
         dist.barrier()
 
 
-def _report(cfg, teacher_source, teacher_config, raw, tokenizer, distiller, log) -> None:
+def _report(cfg, teacher_source, teacher_config, raw, tokenizer, distiller, log, runtimes=()) -> None:
     """Teacher vs the exported student (every rank calls it; rank 0 writes). The training engines
     are freed first. A teacher partitioned over the ranks (ZeRO-3) stays partitioned: all ranks
     generate its outputs together and rank 0 evaluates them with the student, so no rank ever
@@ -265,36 +294,46 @@ def _report(cfg, teacher_source, teacher_config, raw, tokenizer, distiller, log)
     distiller.release_teacher()
     if distiller.rank != 0:
         return
-    report = run_report(teacher_source, [cfg.output_dir], sources, list(rows["target"]),
+    report = run_report(teacher_source, [cfg.output_dir, *runtimes], sources, list(rows["target"]),
                         os.path.join(cfg.output_dir, "report"), source_prefix=cfg.source_prefix,
                         max_source_length=cfg.max_source_length, max_new_tokens=cfg.max_target_length,
                         trust_remote_code=cfg.trust_remote_code, teacher_outputs=outputs,
                         teacher_outputs_from=how, log=log)
     log(format_table(report))
+    return report
 
 
 def train(cfg: DistillConfig) -> int:
     """Run one distillation (or labels-only training) described by `cfg`; the programmatic entry
     point (the demo uses it). Returns 0; after SIGTERM/SIGINT, EXIT_INTERRUPTED where a checkpoint
     is there to resume from, else 143/130 (distill/signals.py); raises UserError."""
-    from distill import logs
+    from distill import logs, run_log, tracking
     from distill.signals import Interrupted, Signals
 
     # Library noise goes to OUTPUT_DIR/library.log (ARCHITECTURE.md, "Logs"); a caller that
     # opened the library log already (the demo) keeps it open after this run.
     opened_here = logs.active() is None
     lib = logs.quiet_libraries()
+    console = run_log.start(cfg.log_level)  # our lines; OUTPUT_DIR/train.log once the input has passed
+    trackers, ok = tracking.Trackers(), False
     try:
         # guard: one run per --output-dir; refused before this run writes anything
         with output_dir_lock(cfg.output_dir):
             signals, started = Signals().install(), time.time()
             try:
-                return run(cfg, lib, signals)
+                code = run(cfg, lib, signals, trackers)
+                ok = code == 0
+                return code
             except Interrupted as exc:
                 return _interrupted(cfg, exc, started)
             finally:
                 signals.restore()
+    except UserError as exc:  # main() prints it; train.log, when there is one by now, keeps a copy
+        run_log.logger().error(f"error: {exc}", extra=run_log.FILE_ONLY)
+        raise
     finally:
+        trackers.close(ok)
+        console.close()
         if opened_here:
             lib.close()
 
@@ -303,17 +342,18 @@ def _interrupted(cfg: DistillConfig, exc, started: float) -> int:
     """One line (rank 0) saying what the signal stopped and what is left; the exit code: 3 where
     this run has a checkpoint to resume from (one it saved or resumed from), else 143/130."""
     from distill import checkpoint
+    from distill.run_log import logger
 
     latest = checkpoint.latest_checkpoint(cfg.output_dir)
     if latest and not (cfg.resume or cfg.resume_from) and os.path.getmtime(latest) < started:
         latest = None  # an earlier run's checkpoint, which this fresh run would replace
     if os.environ.get("RANK", "0") in ("", "0"):
         if latest:
-            print(f"interrupted by {exc.name} while {exc.phase}; the last checkpoint is {latest}: "
-                  f"rerun the same command with --resume to continue", file=sys.stderr, flush=True)
+            logger().error(f"interrupted by {exc.name} while {exc.phase}; the last checkpoint is {latest}: "
+                           f"rerun the same command with --resume to continue")  # stderr and train.log
         else:
-            print(f"interrupted by {exc.name} while {exc.phase}; no checkpoint was saved, "
-                  f"so a rerun starts again", file=sys.stderr, flush=True)
+            logger().error(f"interrupted by {exc.name} while {exc.phase}; no checkpoint was saved, "
+                           f"so a rerun starts again")
     return EXIT_INTERRUPTED if latest else exc.exit_code
 
 

@@ -229,3 +229,13 @@ def test_two_cpu_ranks_with_projections(workspace, tmp_path):
     assert "student ZeRO stage 2" in log and "teacher ZeRO stage 3" in log and "projections 16->32" in log
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["world_size"] == 2 and all("hidden" in h for h in metrics["history"] if "loss" in h)
+    # Each rank holds about half of the teacher under ZeRO-3 (the plain 2-rank run's checks, here
+    # so that one launch serves both).
+    held = {int(r): (int(a.replace(",", "")), int(b.replace(",", ""))) for r, a, b in
+            re.findall(r"\[rank (\d)\] teacher parameters on this rank: ([\d,]+) of ([\d,]+)", log)}
+    assert set(held) == {0, 1}, log[-4000:]
+    assert all(0.4 * full <= local <= 0.6 * full for local, full in held.values())
+    assert metrics["samples_seen"] == 4 * 4 * 2
+    # DeepSpeed's own lines go to the library log, once per job (rank 0 writes it)
+    assert "Attempting to get learning rate" not in log
+    assert "Attempting to get learning rate" in open(os.path.join(out, "library.log")).read()

@@ -10,6 +10,7 @@ import torch
 
 from distill.on_policy import BRANCHES, choose_targets, generate_labels, labels_from_sequences, seeded
 from distill.train import main
+from launch_env import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_TOKENS = 6
@@ -191,7 +192,8 @@ def test_two_ranks_take_the_same_branches_and_do_not_deadlock(workspace, eos_tea
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     # A deadlock shows as a timeout here instead of a hung suite.
-    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "distill/train.py", "--deepspeed", "ds_configs/zero2.json"]
+    proc = subprocess.run(["deepspeed", "--master_port", free_port(), "--num_gpus", "2", "distill/train.py",
+                           "--deepspeed", "ds_configs/zero2.json"]
                           + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -7,6 +7,7 @@ import pytest
 
 from distill import preflight
 from distill.train import main
+from launch_env import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,8 +98,8 @@ def test_two_ranks_report_a_missing_teacher_once(workspace, tmp_path):
 def test_deepspeed_two_ranks_print_help_once():
     """`deepspeed --num_gpus 2 distill/train.py --help`: one help text for the job, not one per rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "distill/train.py", "--help"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["deepspeed", "--master_port", free_port(), "--num_gpus", "2", "distill/train.py", "--help"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("usage: seq2seq-distill") == 1
 

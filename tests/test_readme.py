@@ -30,13 +30,15 @@ def test_every_launch_preset_is_documented():
 
 
 def test_quick_start_commands_and_no_placeholders():
-    assert "bash launch.sh" in README and "python -m pytest -q tests" in README
+    assert "bash launch.sh" in README and "python -m pytest -q -n 2 tests" in README
     assert not re.search(r"\b[A-Z]+_(SECTION|TABLE)\b", README)
 
 
 def test_ci_runs_the_readme_test_command():
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
-    assert "python -m pytest -q tests" in ci
+    # exactly the README's command (quick start and "Tests")
+    assert re.search(r"^python -m pytest -q -n 2 tests$", ci, flags=re.M)
+    assert "\npython -m pytest -q -n 2 tests\n" in README
 
 
 def test_every_benchmark_option_is_documented():

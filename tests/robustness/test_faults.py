@@ -258,7 +258,7 @@ def test_lock_in_process(tmp_path):
 @pytest.mark.slow  # real runs: 30-120 s on 2 CPU cores
 def test_a_crashing_rank_ends_the_multi_rank_job_with_its_error(workspace, tmp_path, repo_root, child_env):
     out = str(tmp_path / "out")
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000),
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", free_port(),
            "distill/train.py", "--model-type", "bart", "--teacher-local-path", workspace["bart"],
            "--dataset-local-path", workspace["data"], "--dataset-input-column", "article",
            "--dataset-target-column", "highlights", "--max-train-samples", "32", "--max-steps", "4",

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from launch_env import clean_env, process_tree
+from launch_env import clean_env, free_port, process_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -80,7 +80,7 @@ def test_no_rank_holds_more_than_its_share_of_a_zero3_teacher_in_any_phase(works
     peaks, reports = {}, {}
     for name in ("tiny", "big"):
         out = str(teachers["root"] / f"out-{name}")
-        cmd = ["deepspeed", "--num_gpus", "2", "distill/train.py", "--deepspeed", "ds_configs/zero2.json",
+        cmd = ["deepspeed", "--master_port", free_port(), "--num_gpus", "2", "distill/train.py", "--deepspeed", "ds_configs/zero2.json",
                "--model-type", "bart", "--teacher-local-path", teachers[name],
                "--dataset-local-path", workspace["data"], "--dataset-input-column", "article",
                "--dataset-target-column", "highlights", "--output-dir", out,
