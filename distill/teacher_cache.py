@@ -124,7 +124,7 @@ class TeacherCache:
         uniform row (they are masked in the loss)."""
         mask = labels != -100
         ids_l, lp_l, tail_l = [], [], []
-        for row, n in zip(cache_rows.tolist(), mask.sum(1).tolist()):
+        for i, (row, n) in enumerate(zip(cache_rows.tolist(), mask.sum(1).tolist())):
             shard, r = self._rows[row]
             a, b = int(self._offsets[shard][r]), int(self._offsets[shard][r + 1])
             fh = self._handle(shard)
@@ -134,7 +134,7 @@ class TeacherCache:
             lp_l.append(fh.get_slice("logprobs")[a:b])
             tail_l.append(fh.get_slice("tail")[a:b] if self.method == "topk" else None)
             cached = fh.get_slice("labels")[a:b]
-            if not torch.equal(cached.long(), labels[len(ids_l) - 1][mask[len(ids_l) - 1]].long().cpu()):
+            if not torch.equal(cached.long(), labels[i][mask[i]].long().cpu()):
                 raise RuntimeError(f"teacher cache row {r} of {self._paths[shard]} has other labels than the batch")
         shape = (*labels.shape, self.k)
         ids = torch.arange(self.k).expand(shape).clone()
