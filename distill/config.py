@@ -90,7 +90,8 @@ class DistillConfig:
                                         "teacher's sparse predictions for this run's rows. The teacher "
                                         "is then never loaded for training (its weights are read tensor "
                                         "by tensor to initialise the student); the loss is the sparse "
-                                        "one (forward KL over the cached tokens, kernels/sparse.py).")
+                                        "one (--divergence between the teacher and student coarsened to "
+                                        "the cached tokens and a tail bucket, kernels/sparse.py).")
     # --- objective ---------------------------------------------------------------------------
     alpha: float = opt(0.5, "Weight of the cross-entropy on the labels; 1 - alpha weighs the KL to "
                        "the teacher. alpha=1 trains on labels only (the teacher is not run).")

@@ -17,8 +17,6 @@ def check_teacher_cache(cfg) -> None:
                             "the student's own tokens)"),
                            (cfg.seq_kd_ratio > 0, "--seq-kd-ratio", "drop it (use --pseudo-labels for "
                             "sequence-level KD)"),
-                           (cfg.divergence != "forward_kl", f"--divergence {cfg.divergence}", "use "
-                            "--divergence forward_kl (the sparse loss)"),
                            (cfg.loss_impl != "fused", f"--loss-impl {cfg.loss_impl}", "use --loss-impl "
                             "fused (the sparse loss has one implementation)")):
         if bad:

@@ -76,12 +76,13 @@ class Objective:
 
     def sparse(self, student_hidden, student_head, labels, teacher_ids, teacher_logprobs, teacher_tail):
         """(loss, ce, kl) against a sparse teacher (a teacher cache's targets, distill/teacher_cache.py):
-        alpha * CE + (1 - alpha) * T^2 * the top-k forward KL with its tail bucket
-        (kernels.fused_linear_sparse_distill_loss; student logits never whole)."""
+        alpha * CE + (1 - alpha) * T^2 * the divergence between the two distributions coarsened to
+        the cached tokens and a tail bucket (kernels.fused_linear_sparse_distill_loss; student
+        logits never whole)."""
         from distill.kernel_ops import kernels
 
         s_w, s_b = student_head
         return kernels.fused_linear_sparse_distill_loss(
             student_hidden, s_w, labels, teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs,
             teacher_tail_logmass=teacher_tail, student_bias=s_b, alpha=self.alpha,
-            temperature=self.temperature, ignore_index=IGNORE_INDEX)
+            temperature=self.temperature, ignore_index=IGNORE_INDEX, divergence=self.divergence, beta=self.beta)

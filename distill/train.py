@@ -80,6 +80,11 @@ def _teacher_cache(cfg: DistillConfig, source: str, tokenizer, tokenized, log):
     fingerprint = pseudo_label_files.teacher_fingerprint(source)
     teacher_cache_files.check_teacher(folder, manifest, teacher=source, teacher_sha256=fingerprint["sha256"],
                                       tokenizer_sha256=pseudo_label_files.tokenizer_fingerprint(tokenizer))
+    reverse = cfg.divergence == "reverse_kl" or (cfg.divergence == "jsd" and cfg.jsd_beta == 1.0)
+    if reverse and manifest["identity"].get("method") == "sample":
+        raise UserError(f"--teacher-cache {folder!r} holds sampled targets, which give no teacher mass off the "
+                        "sampled tokens, so the reverse KL is infinite; use --divergence forward_kl or jsd (beta "
+                        "below 1), or a topk cache")
     cache = TeacherCache(folder, manifest, log=log)
     return cache, fingerprint["paths"], cache.attach(tokenized)
 

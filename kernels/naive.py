@@ -116,7 +116,8 @@ def naive_distill_loss(student_hidden, student_weight, labels, *, teacher_logits
 
 
 def naive_sparse_distill_loss(student_logits, labels, teacher_ids, teacher_logprobs, *, alpha=0.5,
-                              temperature=1.0, ignore_index=-100, teacher_tail_logmass=None):
+                              temperature=1.0, ignore_index=-100, teacher_tail_logmass=None,
+                              divergence="forward_kl", beta=0.5):
     """Reference for fused_linear_sparse_distill_loss on full logits (N, V) / (B, T, V): the
     top-k objective with a tail bucket written out (kernels/sparse.py's docstring). Returns
     (loss, ce, kl) like it; the gradient reaches the logits by autograd. Math in float32 for
@@ -141,6 +142,19 @@ def naive_sparse_distill_loss(student_logits, labels, teacher_ids, teacher_logpr
     p = torch.softmax(lp / temperature, dim=1) * (1.0 - m_t).unsqueeze(1)
     tail = torch.where(m_t > 0, m_t * (m_t.clamp_min(1e-300).log() - log_m_s), torch.zeros_like(m_t))
     d = torch.xlogy(p, p).sum(1) - (p * log_q_support).sum(1) + tail
+    divergence, beta = check_divergence(divergence, beta)
+    if divergence != "forward_kl":  # the same two distributions over K + 1 outcomes, written out
+        P = torch.cat([p, m_t.unsqueeze(1)], 1)
+        Q = torch.cat([log_q_support.exp(), log_m_s.exp().unsqueeze(1)], 1)
+
+        def kl(a, b):
+            return (torch.xlogy(a, a) - torch.where(a > 0, a * torch.log(b), torch.zeros_like(a))).sum(1)
+
+        if divergence == "reverse_kl":
+            d = kl(Q, P)
+        else:
+            mix = beta * P + (1.0 - beta) * Q
+            d = beta * kl(P, mix) + (1.0 - beta) * kl(Q, mix)
     ce_mean, d_mean = _masked_mean(ce, mask), _masked_mean(d, mask)
     loss = alpha * ce_mean + (1.0 - alpha) * temperature**2 * d_mean
     return loss, ce_mean.detach(), d_mean.detach()

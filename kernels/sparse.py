@@ -25,6 +25,15 @@ rounded fp16 log-probabilities is off by ~1e-4. -inf there means no tail: the su
 then the whole target (a sampled sparse teacher, distill/teacher_cache.py: softmax(log p_i / T)
 over the support, summing to 1).
 
+Other divergences (`divergence`, as the fused loss's, TRL's definitions) are taken between the
+same two coarsened distributions P = (p~, m_t) and Q = (q_S, m_s) over the K + 1 outcomes:
+    reverse_kl  D = KL(Q || P) = sum_j Q_j (log Q_j - log P_j)     (infinite where P_j = 0 < Q_j,
+                                                                    e.g. a cache without a tail)
+    jsd         D = beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q
+                (beta 0 / 1: the forward / reverse KL, as in TRL)
+Both have the gradient d D / d (z_v / T) = q_v (G_j(v) - sum_j Q_j G_j), G_j = d D / d Q_j:
+log(Q_j / P_j) + 1 for reverse_kl, (1 - beta) log(Q_j / M_j) for jsd; j(v) is v's outcome.
+
 A token id may appear more than once in a row only with zero mass (log-probability -inf) in all
 but one of its places: such entries add nothing to D or its gradient, so a row with fewer than K
 distinct tokens is padded by repeating an id with -inf.
@@ -37,8 +46,8 @@ from __future__ import annotations
 
 import torch
 
-from ._core import (check_ignore_index, check_temperature, default_fused_chunk_size, flatten_rows, index_labels,
-                    scale_rows_, scale_saved_grad)
+from ._core import (check_divergence, check_ignore_index, check_temperature, default_fused_chunk_size, flatten_rows,
+                    index_labels, scale_rows_, scale_saved_grad)
 
 
 def _teacher_rows(ids, logprobs, n_rows: int, vocab: int):
@@ -94,10 +103,37 @@ def _sparse_targets(lp, inv_t, vocab: int, tail=None):
     return p, m_t
 
 
+def _coarse_terms(divergence: str, beta: float, p, m_t, log_q, log_m_s):
+    """(D (r, 1), G_S - E (r, K), G_tail - E (r, 1)) of the module docstring for reverse_kl and jsd
+    between P = (p, m_t) and Q = (exp(log_q), exp(log_m_s)); E = sum_j Q_j G_j."""
+    q, m_s = log_q.exp(), log_m_s.exp()
+    log_p, log_m_t = torch.log(p), torch.log(m_t)
+    if divergence == "reverse_kl":
+        lr_s, lr_t = log_q - log_p, log_m_s - log_m_t
+        d = (torch.where(q > 0, q * lr_s, torch.zeros_like(q)).sum(1, keepdim=True)
+             + torch.where(m_s > 0, m_s * lr_t, torch.zeros_like(m_s)))
+        g_s, g_t = lr_s + 1.0, lr_t + 1.0
+    else:  # jsd
+        mix_s, mix_t = beta * p + (1.0 - beta) * q, beta * m_t + (1.0 - beta) * m_s
+        log_mix_s, log_mix_t = torch.log(mix_s), torch.log(mix_t)
+
+        def kl_to_mix(a_s, a_t):  # KL(A || M) over the K + 1 outcomes, 0 log 0 = 0
+            return ((torch.xlogy(a_s, a_s) - torch.where(a_s > 0, a_s * log_mix_s, torch.zeros_like(a_s))).sum(1, keepdim=True)
+                    + torch.xlogy(a_t, a_t) - torch.where(a_t > 0, a_t * log_mix_t, torch.zeros_like(a_t)))
+
+        d = beta * kl_to_mix(p, m_t) + (1.0 - beta) * kl_to_mix(q, m_s)
+        g_s, g_t = (1.0 - beta) * (log_q - log_mix_s), (1.0 - beta) * (log_m_s - log_mix_t)
+    # outcomes with Q_j = 0 take no part in E (their G may be inf)
+    g_s = torch.where(q > 0, g_s, torch.zeros_like(g_s))
+    g_t = torch.where(m_s > 0, g_t, torch.zeros_like(g_t))
+    e = (q * g_s).sum(1, keepdim=True) + m_s * g_t
+    return d, g_s - e, g_t - e
+
+
 class FusedLinearSparseDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ids, logprobs, tail, alpha, temperature, ignore_index,
-                chunk_size):
+                chunk_size, divergence="forward_kl", beta=0.5):
         shape = hidden.shape
         h_all = flatten_rows(hidden, "student_hidden")
         n_rows, width = h_all.shape
@@ -151,20 +187,27 @@ class FusedLinearSparseDistill(torch.autograd.Function):
             off = z.scatter(1, k_ids, float("-inf"))
             lse_off = torch.logsumexp(off, dim=1, keepdim=True)  # -inf when the support is everything
             p, m_t = _sparse_targets(lp_all[i:j], inv_t, vocab, None if tail_all is None else tail_all[i:j])
-            has_tail = m_t > 0  # never where the support is the whole vocabulary (lse_off = -inf)
-            tail = torch.where(has_tail, m_t * (m_t.clamp_min(1e-38).log() - (lse_off - lse)), torch.zeros_like(m_t))
-            d_row = torch.xlogy(p, p).sum(1, keepdim=True) - (p * log_q).sum(1, keepdim=True) + tail
+            if divergence == "forward_kl":
+                has_tail = m_t > 0  # never where the support is the whole vocabulary (lse_off = -inf)
+                tail = torch.where(has_tail, m_t * (m_t.clamp_min(1e-38).log() - (lse_off - lse)), torch.zeros_like(m_t))
+                d_row = torch.xlogy(p, p).sum(1, keepdim=True) - (p * log_q).sum(1, keepdim=True) + tail
+            else:
+                d_row, g_support, g_tail = _coarse_terms(divergence, beta, p, m_t, log_q, lse_off - lse)
             ce_sum += (ce_row * m).sum()
-            kl_sum += (d_row * m).sum()
+            kl_sum += torch.where(m > 0, d_row, torch.zeros_like(d_row)).sum()  # an infinite D stays inf, not nan
             if not (need_h or need_w or need_b):
                 continue
             # G = c_ce (softmax(s) - onehot) + c_kl (q - p~ on S, q (1 - m_t / m_s) off S), masked
             g = torch.exp(s - lse1).mul_(c_ce)
             g.scatter_add_(1, lab_c, torch.full_like(ce_row, -c_ce))
-            g.add_(torch.exp(z - lse), alpha=c_kl)
-            g.scatter_add_(1, k_ids, -c_kl * p)
-            if ids_all.shape[1] < vocab:  # q_v m_t / m_s = m_t exp(z_v - lse_off), at most m_t
-                g.sub_(torch.exp(off - lse_off).mul_(c_kl * m_t))
+            if divergence == "forward_kl":
+                g.add_(torch.exp(z - lse), alpha=c_kl)
+                g.scatter_add_(1, k_ids, -c_kl * p)
+                if ids_all.shape[1] < vocab:  # q_v m_t / m_s = m_t exp(z_v - lse_off), at most m_t
+                    g.sub_(torch.exp(off - lse_off).mul_(c_kl * m_t))
+            else:  # c_kl q_v (G_j(v) - E): the tail's coefficient on every v, the support's difference on S
+                g.add_(torch.exp(z - lse).mul_(c_kl * g_tail))
+                g.scatter_add_(1, k_ids, c_kl * log_q.exp() * (g_support - g_tail))
             g.mul_(m)
             if need_b:
                 grad_b.add_(g.sum(0))
@@ -195,12 +238,13 @@ class FusedLinearSparseDistill(torch.autograd.Function):
         grads = [scale_saved_grad(g, grad_loss, sc) for g, sc in ((g_h, s_h), (g_w, s_w), (g_b, s_b))]
         if grads[0] is not None:
             grads[0] = grads[0].view(ctx.shape)
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_sparse_distill_loss(student_hidden, student_weight, labels, *, teacher_ids, teacher_logprobs,
                                      teacher_tail_logmass=None, student_bias=None, alpha=0.5,
-                                     temperature=1.0, ignore_index=-100, chunk_size=None):
+                                     temperature=1.0, ignore_index=-100, chunk_size=None,
+                                     divergence="forward_kl", beta=0.5):
     """alpha * CE(labels) + (1 - alpha) * T^2 * D(sparse teacher, student), logits never whole.
 
     student_hidden (N, H) or (B, T, H), student_weight (V, H), student_bias optional (V,), labels
@@ -209,7 +253,8 @@ def fused_linear_sparse_distill_loss(student_hidden, student_weight, labels, *, 
     log-probabilities of those ids at T = 1, same shape (an id may repeat only with -inf).
     teacher_tail_logmass: optional (...) log of the teacher's mass off the support per token
     (default: from 1 - sum exp(teacher_logprobs); -inf: no tail). D is the top-k objective with a
-    tail bucket of the module docstring. Returns (loss, ce, kl): loss carries the gradient (to the
+    tail bucket of the module docstring; divergence "reverse_kl" / "jsd" (beta) the same two
+    coarsened distributions' reverse KL / generalized JSD. Returns (loss, ce, kl): loss carries the gradient (to the
     student's hidden states, weight and bias); ce and kl (D without T^2) are detached float32.
     Math in float32; the gradients are rounded to the inputs' dtypes (float16 ones after a
     per-row power-of-two scale, so the fp16 loss scale is applied before they are rounded).
@@ -219,6 +264,7 @@ def fused_linear_sparse_distill_loss(student_hidden, student_weight, labels, *, 
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    divergence, beta = check_divergence(divergence, beta)
     return FusedLinearSparseDistill.apply(student_hidden, student_weight, student_bias, labels, teacher_ids,
                                           teacher_logprobs, teacher_tail_logmass, alpha, temperature,
-                                          ignore_index, chunk_size)
+                                          ignore_index, chunk_size, divergence, beta)

@@ -187,3 +187,48 @@ def test_fp16_gradients_survive_the_loss_scale():
             normal = (want.abs() >= 2.0**-14) & (want.abs() <= 65504)
             bad = normal & ((got.double() - want).abs() > 0.02 * want.abs())
             assert int(normal.sum()) > 1000 and int(bad.sum()) <= 1e-3 * int(normal.sum()), (scale, int(bad.sum()))
+
+
+@pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("k,chunk", [(8, 5), (49, None)])
+def test_other_divergences_match_the_float64_reference(divergence, beta, temperature, k, chunk):
+    """With the tail mass given exactly, as a cache stores it: the reverse KL's log(m_s / m_t)
+    magnifies the float32 rounding of 1 - sum(p) when the tail is small (K = 49 of 50)."""
+    hidden, weight, bias, labels, teacher, ids, lp = problem(k)
+    logits = teacher.double()
+    tail = (logits.scatter(1, ids, float("-inf")).logsumexp(1) - logits.logsumexp(1)).float()
+    kw = dict(alpha=0.3, temperature=temperature, divergence=divergence, beta=beta, teacher_tail_logmass=tail)
+    got = kernel(hidden, weight, bias, labels, ids, lp, chunk_size=chunk, **kw)
+    want = reference(hidden, weight, bias, labels, ids, lp, **dict(kw, teacher_tail_logmass=tail.double()))
+    for name, a, b in zip(("loss", "ce", "kl", "grad hidden", "grad weight", "grad bias"), got, want):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6), (name, (a.double() - b).abs().max())
+
+
+@pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_whole_vocabulary_support_gives_the_fused_losss_divergence(divergence, beta, temperature):
+    """K = V: the coarsened distributions are the full ones, so each divergence is the fused
+    loss's own (an independent implementation), loss and gradients."""
+    hidden, weight, bias, labels, teacher, ids, lp = problem(V)
+    kw = dict(alpha=0.4, temperature=temperature, divergence=divergence, beta=beta)
+    got = kernel(hidden, weight, bias, labels, ids, lp, **kw)
+    h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+    full = fused_linear_distill_loss(h, w, labels, teacher_logits=teacher, student_bias=b, **kw)
+    full[0].backward()
+    for name, a, c in zip(("loss", "ce", "kl", "grad hidden", "grad weight", "grad bias"),
+                          got, full[:3] + (h.grad, w.grad, b.grad)):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-6), (name, (a - c).abs().max())
+
+
+def test_reverse_kl_without_a_teacher_tail_is_infinite_and_jsd_is_not():
+    """A sampled cache has no tail (m_t = 0): where the student puts mass off the support the
+    reverse KL is infinite (what training refuses), the JSD stays finite."""
+    hidden, weight, bias, labels, _, ids, lp = problem(8)
+    no_tail = torch.full((N,), float("-inf"))
+    w8 = torch.softmax(lp, 1).log()
+    rev = fused_linear_sparse_distill_loss(hidden, weight, labels, teacher_ids=ids, teacher_logprobs=w8,
+                                           teacher_tail_logmass=no_tail, alpha=0.0, divergence="reverse_kl")[2]
+    jsd = fused_linear_sparse_distill_loss(hidden, weight, labels, teacher_ids=ids, teacher_logprobs=w8,
+                                           teacher_tail_logmass=no_tail, alpha=0.0, divergence="jsd")[2]
+    assert torch.isinf(rev) and torch.isfinite(jsd) and float(jsd) > 0

@@ -150,15 +150,24 @@ def test_student_from_the_teachers_files_equals_the_student_from_the_loaded_teac
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_whole_vocabulary_cache_gives_the_live_teachers_loss(workspace, tmp_path):
-    """K = V: the sparse objective is the full forward KL, so a run from the cache logs the same
-    losses as the run with the live teacher (up to the fp16 rounding of the cached values)."""
-    full = str(tmp_path / "full")
+@pytest.fixture(scope="module")
+def full_cache(workspace, tmp_path_factory):
+    """A cache of the whole vocabulary (K = V)."""
+    full = str(tmp_path_factory.mktemp("cache") / "full")
     vocab = models.load_teacher_config(workspace["t5"], "t5").vocab_size  # 34: the toy tokenizer's
     assert cache_teacher.main(cache_args(workspace, full)[:-4] + ["--top-k", str(vocab), "--shard-size", "200"]) == 0
+    return full
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_whole_vocabulary_cache_gives_the_live_teachers_loss(workspace, full_cache, tmp_path, divergence):
+    """K = V: the sparse objective is the full divergence, so a run from the cache logs the same
+    losses as the run with the live teacher (up to the fp16 rounding of the cached values)."""
+    full = full_cache
     live, cached = str(tmp_path / "live"), str(tmp_path / "cached")
-    assert train_main(train_args(workspace, live, full)[:-2]) == 0
-    assert train_main(train_args(workspace, cached, full)) == 0
+    extra = ["--divergence", divergence]
+    assert train_main(train_args(workspace, live, full)[:-2] + extra) == 0
+    assert train_main(train_args(workspace, cached, full) + extra) == 0
     h_live = json.load(open(os.path.join(live, "metrics.json")))["history"]
     h_cache = json.load(open(os.path.join(cached, "metrics.json")))["history"]
     assert len(h_live) == len(h_cache) == 2
@@ -173,8 +182,12 @@ def test_sample_cache_trains(workspace, tmp_path, capsys):
     tensors, _ = files.read_shard(os.path.join(out, "validation-00000.safetensors"))
     assert "tail" not in tensors and tensors["logprobs"].dtype == torch.bfloat16
     student = str(tmp_path / "student")
-    assert train_main(train_args(workspace, student, out)) == 0
+    assert train_main(train_args(workspace, student, out, "--divergence", "jsd")) == 0
     assert "sample K=8" in capsys.readouterr().out
+    # no teacher mass off the draws: the reverse KL would be infinite, so it is refused
+    other = str(tmp_path / "reverse")
+    _refused(capsys, train_main, train_args(workspace, other, out, "--divergence", "reverse_kl"),
+             "the reverse KL is infinite", other, out)
 
 
 # ---- resume after a kill, and two ranks ---------------------------------------------------------
@@ -249,7 +262,7 @@ def _refused(capsys, run, argv, needle, *folders):
     (["--source-prefix", "x: "], "was built with --source-prefix"),
     (["--max-train-samples", "120"], "does not hold 24 of 120 train rows"),
     (["--alpha", "1"], "--teacher-cache does not work with --alpha 1"),
-    (["--divergence", "jsd"], "--teacher-cache does not work with --divergence jsd"),
+    (["--loss-impl", "naive"], "--teacher-cache does not work with --loss-impl naive"),
     (["--hidden-loss-weight", "1"], "--teacher-cache does not work with --hidden-loss-weight"),
 ])
 def test_training_with_a_cache_that_does_not_match_is_refused(cache, workspace, tmp_path, capsys, extra, needle):
