@@ -45,10 +45,12 @@ SHARED = ("model_type", "teacher", "teacher_local_path", "custom_tokenizer_local
           "dataset", "dataset_local_path", "input_column", "target_column", "validation_ratio",
           "max_train_samples", "max_eval_samples", "max_source_length", "max_target_length", "source_prefix",
           "pseudo_labels", "target_source", "per_device_batch_size", "seed", "bf16", "fp16",
-          "teacher_deepspeed", "teacher_zero_stage", "local_rank")
+          "teacher_deepspeed", "teacher_zero_stage", "local_rank", "report_samples")
 HELPS = {"per_device_batch_size": "Rows per teacher forward on each rank.",
          "seed": "Seed of the validation split (as in training) and of --cache-method sample's draws.",
-         "bf16": "Run the teacher in bfloat16.", "fp16": "Run the teacher in float16."}
+         "bf16": "Run the teacher in bfloat16.", "fp16": "Run the teacher in float16.",
+         "report_samples": "Test (else validation) rows whose greedy teacher outputs the cache keeps for "
+                           "the final report of a run that trains from it (as training's option; 0: none)."}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +217,30 @@ def _decide(cfg, opts, source, tokenizer, teacher_config, prec, keys, log) -> di
     return {"pending": pending, "manifest": manifest}
 
 
+def _report_outputs(cfg, raw, out, source, teacher_config, tokenizer, prec, device, stage, rank, world_size,
+                    teacher, log):
+    """The teacher's greedy outputs for the rows the final report of a run from this cache
+    evaluates (training's rule: the first --report-samples test rows, else validation; up to
+    --max-target-length new tokens), in files.REPORT_OUTPUTS, so that run never loads the
+    teacher. Kept when a rerun asks for the same; all ranks generate (ZeRO-3: synced)."""
+    from distill import pseudo_label
+
+    split = "test" if "test" in raw else "validation"
+    sources = list(raw[split].select(range(min(cfg.report_samples, len(raw[split]))))["source"])
+    wanted = files.report_key(sources, cfg.max_target_length)
+    have = files.read_report_outputs(out)
+    if not sources or (have is not None and have.get("key") == wanted):
+        return {"split": split, "rows": len(sources)} if sources else None
+    if teacher is None:
+        teacher, _ = _load_teacher(cfg, source, teacher_config, prec, device, stage)
+    log(f"cache: the teacher's greedy outputs for the report's {len(sources)} {split} rows")
+    outputs = pseudo_label.generate_partitioned(teacher, tokenizer, cfg, sources, rank=rank, world_size=world_size,
+                                                device=device, max_new_tokens=cfg.max_target_length)
+    if rank == 0:
+        files.write_report_outputs(out, {"key": wanted, "split": split, "outputs": outputs})
+    return {"split": split, "rows": len(sources)}
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -237,7 +263,7 @@ def run(cfg, opts, lib=None) -> int:
         raise UserError(f"--top-k {opts.top_k} is larger than the teacher's vocabulary ({teacher_config.vocab_size} "
                         f"tokens); pass --top-k {min(64, teacher_config.vocab_size)} or less")
     tokenizer = models.load_tokenizer(source, cfg.custom_tokenizer_local_path, trust_remote_code=cfg.trust_remote_code)
-    _, tokenized = training_splits(cfg, source, tokenizer, log)
+    raw, tokenized = training_splits(cfg, source, tokenizer, log)
     rows = {s: tokenized[s] for s in files.SPLITS}
     keys = {s: [files.row_key(i, t) for i, t in zip(ds["input_ids"], ds["labels"])] for s, ds in rows.items()}
 
@@ -261,7 +287,7 @@ def run(cfg, opts, lib=None) -> int:
     log(f"cache: {', '.join(f'{s} {len(k)} rows' for s, k in keys.items())}; {len(pending)} shards ({total} rows) "
         f"to make on {world_size} rank(s), teacher ZeRO stage {stage}, {opts.cache_method} K={opts.top_k}, "
         f"{opts.cache_dtype}")
-    started, tokens, nbytes = time.time(), 0, 0
+    started, tokens, nbytes, teacher = time.time(), 0, 0, None
     if pending:
         teacher, engine = _load_teacher(cfg, source, teacher_config, prec, device, stage)
         line, _ = models.teacher_memory_line(teacher)
@@ -292,7 +318,10 @@ def run(cfg, opts, lib=None) -> int:
         import torch.distributed as dist
 
         dist.barrier()  # every rank's shards are written
+    report = _report_outputs(cfg, raw, out, source, teacher_config, tokenizer, prec, device, stage,
+                             rank, world_size, teacher, log)
     if rank == 0:
+        manifest["info"]["report_outputs"] = report
         seconds = time.time() - started
         manifest.update(complete=True)
         stats = {"tokens": tokens, "bytes": nbytes, "seconds": round(seconds, 2)}

@@ -101,6 +101,14 @@ class TeacherCache:
 
         return DatasetDict(out)
 
+    def report_outputs(self, sources: list[str], max_new_tokens: int) -> list[str] | None:
+        """The teacher's greedy outputs for a report on `sources`, when the build made them for
+        exactly these rows and length (cache_teacher's --report-samples), else None."""
+        found = files.read_report_outputs(self.folder)
+        if found is None or found.get("key") != files.report_key(sources, max_new_tokens):
+            return None
+        return list(found["outputs"])
+
     def locate(self, input_ids, labels) -> int | None:
         """The `cache_row` of a tokenized row (what targets() takes), None when the cache lacks it."""
         where = self._where.get(files.row_key(input_ids, labels))

@@ -45,6 +45,7 @@ METHODS = ("topk", "sample")
 DTYPES = ("fp16", "bf16")
 SPLITS = ("train", "validation")
 MAKE = "python -m distill.cache_teacher"
+REPORT_OUTPUTS = "report_outputs.json"  # the teacher's greedy outputs for a training run's report
 KEY_BYTES = 16
 
 
@@ -116,6 +117,24 @@ def shard_done(folder: str, split: str, index: int, keys: list[bytes]) -> bool:
     return [bytes(k) for k in tensors["row_keys"].numpy()] == keys
 
 
+def report_key(sources: list[str], max_new_tokens: int) -> str:
+    """What the report's teacher outputs were made for: the sources, in order, and the length."""
+    return f"{plf.sources_fingerprint(sources)}:{max_new_tokens}"
+
+
+def read_report_outputs(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, REPORT_OUTPUTS), encoding="utf-8") as fh:
+            found = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and isinstance(found.get("outputs"), list) else None
+
+
+def write_report_outputs(folder: str, content: dict) -> None:
+    plf.write_atomic(os.path.join(folder, REPORT_OUTPUTS), json.dumps(content, ensure_ascii=False) + "\n")
+
+
 # ----------------------------------------------------------------------------- manifest
 
 def read_manifest(folder: str) -> dict | None:
@@ -138,7 +157,7 @@ def write_manifest(folder: str, manifest: dict) -> None:
 
 
 def _ours(name: str) -> bool:
-    return name == MANIFEST or (name.endswith(".safetensors") and name.split("-")[0] in SPLITS)
+    return name in (MANIFEST, REPORT_OUTPUTS) or (name.endswith(".safetensors") and name.split("-")[0] in SPLITS)
 
 
 def pending_shards(out: str, identity: dict, keys: dict[str, list[bytes]], overwrite: bool, log):

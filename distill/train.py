@@ -285,7 +285,12 @@ def _report(cfg, teacher_source, teacher_config, raw, tokenizer, distiller, log,
     log(f"report: teacher vs student on {len(rows)} {split} rows")
     teacher = distiller.release_student()  # the running teacher, if it is kept partitioned
     outputs, how = None, None
-    if distiller.teacher_stage == 3:
+    if distiller.cache is not None:  # the cache's build kept the teacher's outputs for these rows?
+        outputs = distiller.cache.report_outputs(sources, cfg.max_target_length)
+        if outputs is not None:
+            how = "made by the teacher cache's build (python -m distill.cache_teacher)"
+            log(f"report: the teacher's outputs {how}; the teacher is not loaded")
+    if outputs is None and distiller.teacher_stage == 3:
         if teacher is None:  # not run during training (alpha = 1): loaded partitioned for the report
             teacher = pseudo_label.load_partitioned_teacher(cfg, teacher_source, teacher_config, distiller.prec,
                                                             distiller.device)

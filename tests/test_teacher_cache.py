@@ -127,12 +127,19 @@ def test_training_from_the_cache_never_loads_the_teacher(cache, workspace, tmp_p
 
     monkeypatch.setattr(models, "load_teacher", refuse)
     out = str(tmp_path / "student")
-    assert train_main(train_args(workspace, out, cache)) == 0
+    # the report too: the build kept the teacher's greedy outputs for the report's rows
+    argv = [a for a in train_args(workspace, out, cache) if a != "--skip-report"]
+    assert train_main(argv) == 0
     log = capsys.readouterr().out
     assert "the teacher is not loaded for training" in log and "teacher not loaded (targets from the cache, topk K=8)" in log
+    assert "report: the teacher's outputs made by the teacher cache's build" in log
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["steps"] == 2 and metrics["teacher_memory_rank0"] is None
     assert all(h["kl"] > 0 for h in metrics["history"] if "kl" in h)
+    report = json.load(open(os.path.join(out, "report", "report.json")))
+    made = files.read_report_outputs(cache)
+    assert made["split"] == "test" and len(made["outputs"]) == 16
+    assert report["models"]["teacher"]["exact_match"] is not None
 
 
 @pytest.mark.parametrize("model_type", ["bart", "t5"])
