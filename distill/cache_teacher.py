@@ -182,16 +182,6 @@ def _load_teacher(cfg, source, teacher_config, prec, device, stage):
     return teacher, engine
 
 
-def _all_gather(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _decide(cfg, opts, source, tokenizer, teacher_config, prec, keys, log) -> dict:
     """Rank 0: fingerprints and the folder's state -> {"pending", "manifest"} or {"error"}."""
     from distill import pseudo_label_files as plf
@@ -310,7 +300,7 @@ def run(cfg, opts, lib=None) -> int:
                 else:
                     first = group[0]
                     builder.idle(calls, [rows[first[0]][first[2]]])
-                for item in _all_gather(done, world_size):
+                for item in distributed.all_gather_objects(done, world_size):
                     if item:
                         bar.update(item[0])
                         tokens, nbytes = tokens + item[1], nbytes + item[2]

@@ -216,6 +216,17 @@ def resolve_grad_accum(cfg, world_size: int) -> int:
     return cfg.global_batch_size // per_step
 
 
+def all_gather_objects(obj, world_size: int) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] without a process group."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum(values: list[float], device) -> list[float]:
     import torch
     import torch.distributed as dist

@@ -217,19 +217,21 @@ def generate_partitioned(model, tokenizer, cfg, sources: list[str], *, rank: int
     holds the whole teacher."""
     import types
 
+    from distill import distributed
+
     if not sources:  # alike on every rank: nothing to generate, no collective to make
         return [] if rank == 0 else None
     opts = types.SimpleNamespace(num_beams=1, max_new_tokens=max_new_tokens, do_sample=False)
     gen = _Generator(model, tokenizer, cfg, opts, device, synced=world_size > 1)
     mine = list(range(rank, len(sources), world_size))
     batches = gen.batches([sources[i] for i in mine])
-    calls = max(_all_gather(len(batches), world_size))
+    calls = max(distributed.all_gather_objects(len(batches), world_size))
     outputs = {}
     for idx in batches:
         for i, text in zip(idx, gen([sources[mine[j]] for j in idx])):
             outputs[mine[i]] = text
     gen.idle(calls - len(batches), sources[0])
-    shares = _all_gather(outputs, world_size)
+    shares = distributed.all_gather_objects(outputs, world_size)
     if rank != 0:
         return None
     merged = {i: text for share in shares for i, text in share.items()}
@@ -259,16 +261,6 @@ def load_partitioned_teacher(cfg, source, teacher_config, prec, device):
     """The teacher under ZeRO-3 inference (each rank reads and keeps only its partition), ready
     for generate_partitioned."""
     return _load_teacher(cfg, source, teacher_config, prec, device, 3)
-
-
-def _all_gather(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _load_rows(cfg, opts, log) -> dict[str, tuple[list[str], list]]:
@@ -368,7 +360,7 @@ def run(cfg, opts, lib=None) -> int:
                     result = (split, index, start, generate.shard(split, index, rows[split][0][start:end], calls))
                 else:
                     generate.idle(calls, rows[group[0][0]][0][0])
-                for item in _all_gather(result, world_size):
+                for item in distributed.all_gather_objects(result, world_size):
                     if rank == 0 and item is not None:
                         split, index, start, outputs = item
                         sources, references = rows[split]
