@@ -59,6 +59,18 @@ def check_divergence(divergence: str, beta: float) -> tuple[str, float]:
     return divergence, b
 
 
+def sparse_repeats(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """(N, K) bool: the places of a sparse teacher's rows that only pad them (kernels/sparse.py):
+    log-probability -inf and an id listed at another place that has mass, or at an earlier place.
+    The coarsened distributions leave these places out, so padding changes no divergence."""
+    same = ids.unsqueeze(2) == ids.unsqueeze(1)  # (N, K, K): place i and place j list one id
+    k = ids.shape[1]
+    other = ~torch.eye(k, dtype=torch.bool, device=ids.device)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=ids.device).tril(-1)  # j < i
+    counts = same & other & ((logprobs > float("-inf")).unsqueeze(1) | earlier)
+    return (logprobs == float("-inf")) & counts.any(2)
+
+
 def default_chunk_size(vocab: int, rows: int) -> int:
     """Rows per chunk so that one float32 (rows x vocab) block is about CHUNK_BYTES."""
     return max(1, min(rows, CHUNK_BYTES // (4 * max(vocab, 1))))

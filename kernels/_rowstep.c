@@ -388,3 +388,179 @@ int distill_rowstep(float *s, float *t, const int64_t *label, const float *mask,
     }
     return rc;
 }
+
+/* ---- The sparse loss's forward-KL row step (kernels/sparse.py) ----------------------------
+ * For one block of student logits s (rows x vocab) and per row a support S of K listed ids
+ * (repeats allowed: an id listed twice is one member of S) with the teacher's weights p on them
+ * (already at temperature T, each entry its own: a repeat carries 0) and its tail mass m_t:
+ *   z = s / T,  lse = lse(z),  lse_off = lse(z over the ids not in S),  lse1 = lse(s)
+ *   ce = lse1 - s[label]
+ *   D  = sum_k p_k log p_k - sum_k p_k (z_k - lse) + m_t (log m_t - (lse_off - lse))  (0 log 0 = 0)
+ *   grad_v = k1 r_v + kq q_v - [v not in S] kq m_t exp(z_v - lse_off)   - kq sum_{k: id_k = v} p_k
+ *            - k1 [v = label]                        (k1 = mask c_ce, kq = mask c_kl)
+ * exactly what sparse.py's torch block computes. Per row: the support's logits are read and set
+ * to -inf (a repeat finds -inf there and counts once), pass 1 takes the off-support max (the row
+ * comes from memory), pass 2 the off-support sums (from L2), the support's logits go back, and
+ * pass 3 writes the gradient over s, off the support as exp(z_v - lse_off) (m_s (k1' + kq) - kq m_t)
+ * (m_s = exp(lse_off - lse) <= 1, so nothing overflows however small the off-support mass); the
+ * support's entries are then written from their saved logits (a repeat, or a -inf logit, has
+ * nothing saved: its first place wrote it, or its 0 stands). */
+typedef struct {
+    float *s;
+    const int64_t *ids;   /* (rows, K) */
+    const float *p;       /* (rows, K) teacher weights at T */
+    const float *m_t;     /* (rows,) tail masses */
+    const int64_t *label; /* (rows,) valid indices */
+    const float *mask;    /* (rows,) */
+    float *ce, *kl;
+    int64_t rows, vocab, ld, K;
+    float inv_t, c_ce, c_kl;
+    int want_grad;
+    int64_t row0, row1;
+} sparse_job_t;
+
+static double logaddexp_d(double a, double b) {
+    if (a == -INFINITY) return b;
+    if (b == -INFINITY) return a;
+    const double m = a > b ? a : b;
+    return m + log(exp(a - m) + exp(b - m));
+}
+
+static void *sparse_worker(void *arg) {
+    const sparse_job_t *J = (const sparse_job_t *)arg;
+    const int64_t V = J->vocab, K = J->K;
+    const float inv_t = J->inv_t;
+    const int sep_ce = inv_t != 1.0f; /* CE needs its own T = 1 sums */
+    float *sk = (float *)malloc(sizeof(float) * (size_t)(K > 0 ? K : 1));
+    char *first = (char *)malloc((size_t)(K > 0 ? K : 1));
+    if (!sk || !first) { free(sk); free(first); return (void *)1; }
+    for (int64_t i = J->row0; i < J->row1; i++) {
+        float *s = J->s + i * J->ld;
+        const int64_t *ids = J->ids + i * K;
+        const float *p = J->p + i * K;
+        const float s_lab = s[J->label[i]];
+        /* the support: saved, marked -inf (a repeat, or a logit already -inf, counts once) */
+        double m_sup = -INFINITY;
+        for (int64_t k = 0; k < K; k++) {
+            const float v = s[ids[k]];
+            sk[k] = v;
+            first[k] = v != -INFINITY;
+            s[ids[k]] = -INFINITY;
+            if (first[k] && v > m_sup) m_sup = v;
+        }
+        /* passes 1 and 2: the off-support max and sums */
+        const float m_off = row_max(s, V);
+        double zq = 0, z1 = 0;
+        if (m_off != -INFINITY) {
+            for (int64_t k0 = 0; k0 < V; k0 += BLOCK) {
+                const int64_t k1 = k0 + BLOCK < V ? k0 + BLOCK : V;
+                float bq = 0, b1 = 0;
+                if (sep_ce) {
+#pragma omp simd reduction(+ : bq, b1)
+                    for (int64_t k = k0; k < k1; k++) {
+                        const float a = s[k] - m_off;
+                        bq += exp_nonpos(a * inv_t);
+                        b1 += exp_nonpos(a);
+                    }
+                } else {
+#pragma omp simd reduction(+ : bq)
+                    for (int64_t k = k0; k < k1; k++) bq += exp_nonpos(s[k] - m_off);
+                }
+                zq += bq; z1 += b1;
+            }
+        }
+        for (int64_t k = 0; k < K; k++) /* a repeat saved -inf: only first places restore */
+            if (first[k]) s[ids[k]] = sk[k];
+        /* the support's sums, each member once */
+        double sq = 0, s1 = 0;
+        if (m_sup != -INFINITY) {
+            for (int64_t k = 0; k < K; k++) {
+                if (!first[k]) continue;
+                sq += exp(((double)sk[k] - m_sup) * inv_t);
+                if (sep_ce) s1 += exp((double)sk[k] - m_sup);
+            }
+        }
+        const double lse_off = m_off == -INFINITY ? -INFINITY : (double)m_off * inv_t + log(zq);
+        const double lse = logaddexp_d(lse_off, m_sup == -INFINITY ? -INFINITY : m_sup * inv_t + log(sq));
+        double lse1 = lse;
+        if (sep_ce)
+            lse1 = logaddexp_d(m_off == -INFINITY ? -INFINITY : (double)m_off + log(z1),
+                               m_sup == -INFINITY ? -INFINITY : m_sup + log(s1));
+        /* D over the support entries and the tail bucket */
+        const double mt = J->m_t[i];
+        double d = 0;
+        for (int64_t k = 0; k < K; k++) {
+            const double pk = p[k];
+            if (pk > 0) d += pk * (log(pk) - ((double)sk[k] * inv_t - lse));
+        }
+        if (mt > 0) d += mt * (log(mt < 1e-38 ? 1e-38 : mt) - (lse_off - lse));
+        J->kl[i] = (float)d;
+        J->ce[i] = (float)(lse1 - s_lab);
+        if (!J->want_grad) continue;
+        /* pass 3: the gradient, over s */
+        const float mk = J->mask[i];
+        const double k1 = mk * (double)J->c_ce, kq = mk * (double)J->c_kl;
+        if (lse_off == -INFINITY) {
+            /* nothing off the support: every entry is written below */
+        } else if (!sep_ce) {
+            /* k1 r_v + kq q_v - kq m_t e_off = exp(s_v - lse_off) (m_s (k1 + kq) - kq m_t) */
+            const double m_s = exp(lse_off - lse);
+            const float c = (float)(m_s * (k1 + kq) - kq * mt);
+            const float shift = (float)lse_off;
+#pragma omp simd
+            for (int64_t k = 0; k < V; k++) s[k] = c * exp_nonpos(s[k] - shift);
+        } else {
+            const double m_s = exp(lse_off - lse);
+            const float c = (float)(m_s * kq - kq * mt);
+            const float a1 = (float)k1, sh1 = (float)lse1, shq = (float)lse_off;
+#pragma omp simd
+            for (int64_t k = 0; k < V; k++) {
+                const float sv = s[k];
+                s[k] = a1 * exp_nonpos(sv - sh1) + c * exp_nonpos(sv * inv_t - shq);
+            }
+        }
+        for (int64_t k = 0; k < K; k++) { /* the support: k1 r + kq q (a -inf logit keeps its 0) */
+            if (!first[k]) continue;
+            const double v = sk[k];
+            s[ids[k]] = (float)(k1 * exp(v - lse1) + kq * exp(v * inv_t - lse));
+        }
+        for (int64_t k = 0; k < K; k++) s[ids[k]] -= (float)(kq * p[k]);
+        s[J->label[i]] -= (float)k1;
+    }
+    free(sk);
+    free(first);
+    return NULL;
+}
+
+/* Returns 0 on success, nonzero when a thread's scratch could not be had. */
+int distill_sparse_rowstep(float *s, const int64_t *ids, const float *p, const float *m_t,
+                           const int64_t *label, const float *mask, float *ce, float *kl,
+                           int64_t rows, int64_t vocab, int64_t ld, int64_t K, float inv_t,
+                           float c_ce, float c_kl, int want_grad, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
+    if (threads > 256) threads = 256;
+    sparse_job_t jobs[256];
+    pthread_t tid[256];
+    int started[256];
+    int rc = 0;
+    for (int w = 0; w < threads; w++) {
+        sparse_job_t J = {s, ids, p, m_t, label, mask, ce, kl, rows, vocab, ld, K, inv_t, c_ce, c_kl,
+                          want_grad, rows * w / threads, rows * (w + 1) / threads};
+        jobs[w] = J;
+        started[w] = 0;
+    }
+    for (int w = 1; w < threads; w++)
+        started[w] = pthread_create(&tid[w], NULL, sparse_worker, &jobs[w]) == 0;
+    for (int w = 1; w < threads; w++)
+        if (!started[w] && sparse_worker(&jobs[w]) != NULL) rc = 1;
+    if (sparse_worker(&jobs[0]) != NULL) rc = 1;
+    for (int w = 1; w < threads; w++) {
+        void *ret = NULL;
+        if (started[w]) {
+            pthread_join(tid[w], &ret);
+            if (ret != NULL) rc = 1;
+        }
+    }
+    return rc;
+}

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._core import check_divergence, check_temperature
+from ._core import check_divergence, check_temperature, sparse_repeats
 
 
 def _masked_mean(per_token, mask):
@@ -145,7 +145,8 @@ def naive_sparse_distill_loss(student_logits, labels, teacher_ids, teacher_logpr
     divergence, beta = check_divergence(divergence, beta)
     if divergence != "forward_kl":  # the same two distributions over K + 1 outcomes, written out
         P = torch.cat([p, m_t.unsqueeze(1)], 1)
-        Q = torch.cat([log_q_support.exp(), log_m_s.exp().unsqueeze(1)], 1)
+        q_support = torch.where(sparse_repeats(ids, lp), 0.0, log_q_support.exp())  # padding: no outcome
+        Q = torch.cat([q_support, log_m_s.exp().unsqueeze(1)], 1)
 
         def kl(a, b):
             return (torch.xlogy(a, a) - torch.where(a > 0, a * torch.log(b), torch.zeros_like(a))).sum(1)

@@ -40,6 +40,7 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fope
 ENV_SWITCH = "SEQ2SEQ_DISTILL_NATIVE"
 
 _lib = None
+_sparse = None
 _reason = "not loaded yet"
 _tried = False
 
@@ -91,7 +92,7 @@ def _build(cc: str) -> Path:
 
 
 def _load():
-    global _lib, _reason, _tried
+    global _lib, _sparse, _reason, _tried
     _tried = True
     cc = _compiler()
     if cc is None:
@@ -100,6 +101,7 @@ def _load():
     try:
         lib = ctypes.CDLL(str(_build(cc)))
         fn = lib.distill_rowstep
+        sparse = lib.distill_sparse_rowstep
     except Exception as e:  # any build or load failure means: use the eager path
         _reason = f"build or load failed: {type(e).__name__}: {e}"
         log.warning("native loss kernel unavailable (%s); using the eager torch path (same results, slower)", _reason)
@@ -108,7 +110,9 @@ def _load():
     fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, F, F, F, ctypes.c_int, ctypes.c_int, ctypes.c_double,
                    ctypes.c_int]
     fn.restype = ctypes.c_int
-    _lib = fn
+    sparse.argtypes = [P, P, P, P, P, P, P, P, I64, I64, I64, I64, F, F, F, ctypes.c_int, ctypes.c_int]
+    sparse.restype = ctypes.c_int
+    _lib, _sparse = fn, sparse
     _reason = "native"
 
 
@@ -123,6 +127,15 @@ def get():
     if not _tried:
         _load()
     return _lib
+
+
+def get_sparse():
+    """The loaded C function of the sparse loss's forward-KL row step, or None (torch path)."""
+    if not enabled():
+        return None
+    if not _tried:
+        _load()
+    return _sparse
 
 
 def status() -> str:
@@ -155,4 +168,31 @@ def rowstep(fn, s, t, labels, maskf, inv_t, c_ce, c_kl, want_grad, divergence="f
             1 if want_grad else 0, DIVERGENCE_CODE[divergence], float(beta), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("native rowstep: could not allocate a scratch row")
+    return ce, kl
+
+
+def sparse_rowstep(fn, s, ids, p, m_t, labels, maskf, inv_t, c_ce, c_kl, want_grad):
+    """The sparse loss's forward KL for one block (kernels/sparse.py; the C comment above
+    distill_sparse_rowstep has the math): per-row ce and kl, (r,) float32; with want_grad the
+    gradient d loss / d s written over s. ids (r, K) int64 in [0, V) (checked by the caller),
+    p (r, K) float32 teacher weights at T, m_t (r,) float32 tail masses, labels (r,) valid
+    indices, maskf (r,) float32."""
+    r, vocab = s.shape
+    ce, kl, labels, maskf = rowstep_io(s, None, labels, maskf, "native sparse")
+    if s.device.type != "cpu":
+        raise ValueError(f"native sparse rowstep: CPU blocks only, got {s.device}")
+    k = ids.shape[1]
+    ids = ids.to(torch.int64).contiguous()
+    p = p.to(torch.float32).contiguous()
+    m_t = m_t.reshape(-1).to(torch.float32).contiguous()
+    if ids.shape != (r, k) or p.shape != (r, k) or m_t.numel() != r:
+        raise ValueError(f"native sparse rowstep: {r} rows need ({r}, K) ids and weights and {r} tail masses")
+    # raw pointers below: an index outside the row would touch another row's memory
+    if r and (bool(((labels < 0) | (labels >= vocab)).any()) or (k and bool(((ids < 0) | (ids >= vocab)).any()))):
+        raise ValueError(f"native sparse rowstep: a label or teacher id is outside [0, {vocab})")
+    rc = fn(s.data_ptr(), ids.data_ptr(), p.data_ptr(), m_t.data_ptr(), labels.data_ptr(), maskf.data_ptr(),
+            ce.data_ptr(), kl.data_ptr(), r, vocab, s.stride(0), k, float(inv_t), float(c_ce), float(c_kl),
+            1 if want_grad else 0, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("native sparse rowstep: could not allocate a scratch row")
     return ce, kl

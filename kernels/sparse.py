@@ -39,15 +39,19 @@ but one of its places: such entries add nothing to D or its gradient, so a row w
 distinct tokens is padded by repeating an id with -inf.
 
 Like the fused loss (kernels/fused.py), the student's logits exist for one block of rows at a
-time and the forward pass also does the two backward matmuls. One torch implementation (no
-native or Triton row step): the block's work is a few vocabulary-wide torch ops.
+time and the forward pass also does the two backward matmuls. The forward KL on the CPU runs a
+native C row step (kernels/_rowstep.c, distill_sparse_rowstep: three passes per row, two of
+them in L2; SEQ2SEQ_DISTILL_NATIVE=0 or no compiler: the torch block below, same values within
+float rounding); the reverse KL, the JSD and other devices run the torch block (a few
+vocabulary-wide torch ops).
 """
 from __future__ import annotations
 
 import torch
 
+from . import native
 from ._core import (check_divergence, check_ignore_index, check_temperature, default_fused_chunk_size, flatten_rows,
-                    index_labels, scale_rows_, scale_saved_grad)
+                    index_labels, scale_rows_, scale_saved_grad, sparse_repeats)
 
 
 def _teacher_rows(ids, logprobs, n_rows: int, vocab: int):
@@ -130,6 +134,17 @@ def _coarse_terms(divergence: str, beta: float, p, m_t, log_q, log_m_s):
     return d, g_s - e, g_t - e
 
 
+def _apply_block_grad(g, h, w32, i, j, grad_h, grad_w, grad_b):
+    """The block's logit gradient g (rows i:j) into the gradients of the hidden states, the
+    lm_head weight and its bias (each None when not wanted)."""
+    if grad_b is not None:
+        grad_b.add_(g.sum(0))
+    if grad_h is not None:
+        torch.mm(g, w32, out=grad_h[i:j])
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), h)
+
+
 class FusedLinearSparseDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ids, logprobs, tail, alpha, temperature, ignore_index,
@@ -169,6 +184,10 @@ class FusedLinearSparseDistill(torch.autograd.Function):
         b32 = None if bias is None else bias.float()
         ce_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
         kl_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
+        want_grad = need_h or need_w or need_b
+        # the native C row step (forward KL on the CPU): three passes over each row instead of
+        # about twenty vocabulary-wide torch ops; same values within float rounding
+        row_fn = native.get_sparse() if divergence == "forward_kl" and h_all.device.type == "cpu" else None
         for i in range(0, n_rows, chunk):
             j = min(i + chunk, n_rows)
             h = h_all[i:j].float()
@@ -177,6 +196,15 @@ class FusedLinearSparseDistill(torch.autograd.Function):
             s = h @ w32.t()
             if b32 is not None:
                 s += b32
+            if row_fn is not None:
+                p, m_t = _sparse_targets(lp_all[i:j], inv_t, vocab, None if tail_all is None else tail_all[i:j])
+                ce_row, d_row = native.sparse_rowstep(row_fn, s, k_ids, p, m_t, lab_c.view(-1), m.view(-1), inv_t,
+                                                      c_ce, c_kl, want_grad)
+                ce_sum += (ce_row * m.view(-1)).sum()
+                kl_sum += torch.where(m.view(-1) > 0, d_row, torch.zeros_like(d_row)).sum()
+                if want_grad:
+                    _apply_block_grad(s, h, w32, i, j, grad_h, grad_w, grad_b)
+                continue
             # CE at T = 1
             lse1 = torch.logsumexp(s, dim=1, keepdim=True)
             ce_row = lse1 - s.gather(1, lab_c)
@@ -192,10 +220,12 @@ class FusedLinearSparseDistill(torch.autograd.Function):
                 tail = torch.where(has_tail, m_t * (m_t.clamp_min(1e-38).log() - (lse_off - lse)), torch.zeros_like(m_t))
                 d_row = torch.xlogy(p, p).sum(1, keepdim=True) - (p * log_q).sum(1, keepdim=True) + tail
             else:
-                d_row, g_support, g_tail = _coarse_terms(divergence, beta, p, m_t, log_q, lse_off - lse)
+                # a padding place is no outcome of the coarsened distributions: Q = 0 there
+                log_q_c = log_q.masked_fill(sparse_repeats(k_ids, lp_all[i:j]), float("-inf"))
+                d_row, g_support, g_tail = _coarse_terms(divergence, beta, p, m_t, log_q_c, lse_off - lse)
             ce_sum += (ce_row * m).sum()
             kl_sum += torch.where(m > 0, d_row, torch.zeros_like(d_row)).sum()  # an infinite D stays inf, not nan
-            if not (need_h or need_w or need_b):
+            if not want_grad:
                 continue
             # G = c_ce (softmax(s) - onehot) + c_kl (q - p~ on S, q (1 - m_t / m_s) off S), masked
             g = torch.exp(s - lse1).mul_(c_ce)
@@ -207,14 +237,9 @@ class FusedLinearSparseDistill(torch.autograd.Function):
                     g.sub_(torch.exp(off - lse_off).mul_(c_kl * m_t))
             else:  # c_kl q_v (G_j(v) - E): the tail's coefficient on every v, the support's difference on S
                 g.add_(torch.exp(z - lse).mul_(c_kl * g_tail))
-                g.scatter_add_(1, k_ids, c_kl * log_q.exp() * (g_support - g_tail))
+                g.scatter_add_(1, k_ids, c_kl * log_q_c.exp() * (g_support - g_tail))
             g.mul_(m)
-            if need_b:
-                grad_b.add_(g.sum(0))
-            if need_h:
-                torch.mm(g, w32, out=grad_h[i:j])
-            if need_w:
-                grad_w.addmm_(g.t(), h)
+            _apply_block_grad(g, h, w32, i, j, grad_h, grad_w, grad_b)
         ce = (ce_sum / denom).to(torch.float32)
         kl = (kl_sum / denom).to(torch.float32)
         loss = ((alpha * ce_sum + (1.0 - alpha) * temperature**2 * kl_sum) / denom).to(torch.float32)

@@ -1,10 +1,12 @@
 """The sparse-teacher loss (kernels/sparse.py) against its float64 reference, and what the
 objective must be: the full forward KL when the support is the whole vocabulary, 0 when the
-student is the teacher, >= 0 always."""
+student is the teacher, >= 0 always. The forward-KL tests run twice, through the native C row
+step and through the torch block (the `row_step` fixture checks which one ran)."""
 import pytest
 import torch
 
 from kernels import fused_linear_distill_loss, fused_linear_sparse_distill_loss, naive_kl_div, naive_sparse_distill_loss
+from kernels import native
 
 N, H, V = 37, 16, 50
 
@@ -22,6 +24,21 @@ def problem(k, seed=0, masked=(3, 4, 20)):
     top = logprobs_all.topk(k, dim=-1).indices
     top = top.gather(1, torch.argsort(torch.rand(N, k, generator=g), dim=1))
     return hidden, weight, bias, labels, teacher, top, logprobs_all.gather(1, top)
+
+
+@pytest.fixture(params=["native", "torch"])
+def row_step(request, monkeypatch):
+    """The forward KL's block through the native C row step or the torch ops; afterwards, that
+    the native one ran exactly when it was meant to."""
+    if request.param == "torch":
+        monkeypatch.setenv("SEQ2SEQ_DISTILL_NATIVE", "0")
+    elif native.get_sparse() is None:
+        pytest.skip(f"no native row step on this machine: {native.status()}")
+    calls = []
+    real = native.sparse_rowstep
+    monkeypatch.setattr(native, "sparse_rowstep", lambda *a, **k: calls.append(1) or real(*a, **k))
+    yield request.param
+    assert bool(calls) == (request.param == "native")
 
 
 def kernel(hidden, weight, bias, labels, ids, lp, **kw):
@@ -42,7 +59,7 @@ def reference(hidden, weight, bias, labels, ids, lp, **kw):
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("k,chunk", [(1, None), (8, 5), (8, None), (49, 7)])
-def test_matches_the_float64_reference(alpha, temperature, k, chunk):
+def test_matches_the_float64_reference(alpha, temperature, k, chunk, row_step):
     args = problem(k)
     hidden, weight, bias, labels, _, ids, lp = args
     kw = dict(alpha=alpha, temperature=temperature)
@@ -53,7 +70,7 @@ def test_matches_the_float64_reference(alpha, temperature, k, chunk):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_the_whole_vocabulary_as_support_is_the_full_forward_kl(temperature):
+def test_the_whole_vocabulary_as_support_is_the_full_forward_kl(temperature, row_step):
     hidden, weight, bias, labels, teacher, ids, lp = problem(V)
     got = kernel(hidden, weight, bias, labels, ids, lp, alpha=0.5, temperature=temperature)
     h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
@@ -66,7 +83,7 @@ def test_the_whole_vocabulary_as_support_is_the_full_forward_kl(temperature):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_zero_when_the_student_is_the_teacher_and_positive_otherwise():
+def test_zero_when_the_student_is_the_teacher_and_positive_otherwise(row_step):
     hidden, weight, bias, labels, teacher, ids, lp = problem(8)
     # student logits = teacher logits: hidden states that give them exactly (an identity lm_head)
     same = fused_linear_sparse_distill_loss(teacher, torch.eye(V), labels, teacher_ids=ids, teacher_logprobs=lp,
@@ -77,7 +94,7 @@ def test_zero_when_the_student_is_the_teacher_and_positive_otherwise():
     assert float(other) > 0.01
 
 
-def test_a_fully_masked_batch_gives_zero_and_zero_gradients():
+def test_a_fully_masked_batch_gives_zero_and_zero_gradients(row_step):
     hidden, weight, bias, labels, _, ids, lp = problem(8, masked=range(N))
     loss, ce, kl, gh, gw, gb = kernel(hidden, weight, bias, labels, ids, lp)
     assert float(loss.detach()) == float(ce) == float(kl) == 0.0
@@ -115,7 +132,7 @@ def test_k_larger_than_the_vocabulary_is_refused():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_an_exact_tail_mass_matches_the_reference(temperature):
+def test_an_exact_tail_mass_matches_the_reference(temperature, row_step):
     """teacher_tail_logmass (what a cache stores from the full logits) replaces 1 - sum(p)."""
     hidden, weight, bias, labels, teacher, ids, lp = problem(8)
     logits = teacher.double()
@@ -130,7 +147,7 @@ def test_an_exact_tail_mass_matches_the_reference(temperature):
     assert torch.allclose(got[0], derived[0], rtol=1e-4)
 
 
-def test_no_tail_is_the_forward_kl_to_the_support_weights():
+def test_no_tail_is_the_forward_kl_to_the_support_weights(row_step):
     """tail -inf: the support weights are the whole target, the forward KL to a distribution that
     is zero off the support (a sampled teacher), padding repeats with -inf changing nothing."""
     hidden, weight, bias, labels, _, ids, _ = problem(8)
@@ -151,6 +168,24 @@ def test_no_tail_is_the_forward_kl_to_the_support_weights():
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_student_sure_of_the_support_keeps_its_tail_gradient_finite(row_step, temperature):
+    """Student logits on the support 120 above the rest: its off-support mass (e^-120) is below
+    float32's range, yet loss and gradients are finite and match the float64 reference (the tail
+    bucket's gradient is at most m_t per entry, never m_t / m_s of an underflowed m_s)."""
+    hidden, weight, bias, labels, teacher, ids, lp = problem(8)
+    logits = torch.randn(N, V, generator=torch.Generator().manual_seed(9))
+    logits.scatter_add_(1, ids[:, :3], torch.full((N, 3), 120.0))
+    tail = (teacher.double().scatter(1, ids, float("-inf")).logsumexp(1) - teacher.double().logsumexp(1)).float()
+    eye, zero = torch.eye(V), torch.zeros(V)
+    got = kernel(logits, eye, zero, labels, ids, lp, teacher_tail_logmass=tail, alpha=0.5, temperature=temperature)
+    want = reference(logits, eye, zero, labels, ids, lp, teacher_tail_logmass=tail.double(), alpha=0.5,
+                     temperature=temperature)
+    for name, a, b in zip(("loss", "ce", "kl", "grad hidden"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6), (name, (a.double() - b).abs().max())
+
+
 def test_a_bad_tail_is_refused():
     hidden, weight, _, labels, _, ids, lp = problem(8)
     with pytest.raises(ValueError, match="log-masses"):
@@ -161,7 +196,7 @@ def test_a_bad_tail_is_refused():
                                          teacher_tail_logmass=torch.zeros(5))
 
 
-def test_fp16_gradients_survive_the_loss_scale():
+def test_fp16_gradients_survive_the_loss_scale(row_step):
     """float16 inputs: the gradients keep a per-row scale until backward applies the incoming
     gradient (the fp16 loss scale), as the fused loss's do: at 2^16 none is inf, and the entries
     that are normal float16 numbers once scaled are within 2% of the float64 gradient."""
@@ -232,3 +267,22 @@ def test_reverse_kl_without_a_teacher_tail_is_infinite_and_jsd_is_not():
     jsd = fused_linear_sparse_distill_loss(hidden, weight, labels, teacher_ids=ids, teacher_logprobs=w8,
                                            teacher_tail_logmass=no_tail, alpha=0.0, divergence="jsd")[2]
     assert torch.isinf(rev) and torch.isfinite(jsd) and float(jsd) > 0
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_padding_changes_no_divergence(divergence):
+    """A row padded by repeating its ids with log-probability -inf gives the same loss and
+    gradients as the row itself, for every divergence (the padding places are no outcomes of
+    the coarsened distributions; counted, they would add the student's mass there twice)."""
+    hidden, weight, bias, labels, teacher, ids, lp = problem(8)
+    tail = (teacher.double().scatter(1, ids, float("-inf")).logsumexp(1) - teacher.double().logsumexp(1)).float()
+    kw = dict(teacher_tail_logmass=tail, alpha=0.2, temperature=2.0, divergence=divergence)
+    got = kernel(hidden, weight, bias, labels, ids, lp, **kw)
+    ids_p = torch.cat([ids, ids[:, 1:3]], 1)
+    lp_p = torch.cat([lp, torch.full((N, 2), float("-inf"))], 1)
+    padded = kernel(hidden, weight, bias, labels, ids_p, lp_p, **kw)
+    ref = reference(hidden, weight, bias, labels, ids_p, lp_p, **{**kw, "teacher_tail_logmass": tail.double()})
+    for name, a, b, c in zip(("loss", "ce", "kl", "grad hidden", "grad weight", "grad bias"), got, padded, ref):
+        assert torch.isfinite(b).all(), name
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (name, (a - b).abs().max())
+        assert torch.allclose(b.double(), c, rtol=1e-5, atol=1e-6), (name, (b.double() - c).abs().max())
