@@ -37,9 +37,10 @@ if __package__ in (None, ""):  # `deepspeed distill/cache_teacher.py` runs this 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distill import config, teacher_cache_files as files  # noqa: E402
+from distill import teacher_runs  # noqa: E402
 from distill.errors import UserError  # noqa: E402
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = teacher_runs.EXIT_USER_ERROR
 LIBRARY_LOG = "library.log"
 SHARED = ("model_type", "teacher", "teacher_local_path", "custom_tokenizer_local_path", "trust_remote_code",
           "dataset", "dataset_local_path", "input_column", "target_column", "validation_ratio",
@@ -162,26 +163,6 @@ class _Builder:
     engine_synced = False
 
 
-def _load_teacher(cfg, source, teacher_config, prec, device, stage):
-    import torch
-
-    from distill import distributed, models, zero
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[prec]
-    ds_conf = distributed.teacher_ds_config(cfg, prec=prec) if stage == 3 else None
-    with zero.zero3_loading(ds_conf):  # each rank reads only its partition under ZeRO-3
-        teacher = models.load_teacher(source, cfg.model_type, config=teacher_config, dtype=dtype,
-                                      trust_remote_code=cfg.trust_remote_code)
-    if ds_conf is None:
-        teacher = teacher.to(device)
-        return teacher, models.HiddenStates(teacher)
-    import deepspeed
-
-    engine, *_ = deepspeed.initialize(model=models.HiddenStates(teacher), config=ds_conf)
-    engine.eval()
-    return teacher, engine
-
-
 def _decide(cfg, opts, source, tokenizer, teacher_config, prec, keys, log) -> dict:
     """Rank 0: fingerprints and the folder's state -> {"pending", "manifest"} or {"error"}."""
     from distill import pseudo_label_files as plf
@@ -203,7 +184,7 @@ def _decide(cfg, opts, source, tokenizer, teacher_config, prec, keys, log) -> di
                          "dataset": cfg.dataset_local_path or cfg.dataset, "input_column": cfg.input_column,
                          "target_column": cfg.target_column, "target_source": cfg.target_source,
                          "vocab_size": teacher_config.vocab_size,
-                         "created": (manifest or {}).get("info", {}).get("created", _now())}}
+                         "created": (manifest or {}).get("info", {}).get("created", teacher_runs.now())}}
     return {"pending": pending, "manifest": manifest}
 
 
@@ -213,7 +194,7 @@ def _report_outputs(cfg, raw, out, source, teacher_config, tokenizer, prec, devi
     evaluates (training's rule: the first --report-samples test rows, else validation; up to
     --max-target-length new tokens), in files.REPORT_OUTPUTS, so that run never loads the
     teacher. Kept when a rerun asks for the same; all ranks generate (ZeRO-3: synced)."""
-    from distill import pseudo_label
+    from distill import models, pseudo_label
 
     split = "test" if "test" in raw else "validation"
     sources = list(raw[split].select(range(min(cfg.report_samples, len(raw[split]))))["source"])
@@ -222,17 +203,14 @@ def _report_outputs(cfg, raw, out, source, teacher_config, tokenizer, prec, devi
     if not sources or (have is not None and have.get("key") == wanted):
         return {"split": split, "rows": len(sources)} if sources else None
     if teacher is None:
-        teacher, _ = _load_teacher(cfg, source, teacher_config, prec, device, stage)
+        teacher, _ = teacher_runs.load_inference_teacher(cfg, source, teacher_config, prec, device, stage,
+                                                         wrap=models.HiddenStates)
     log(f"cache: the teacher's greedy outputs for the report's {len(sources)} {split} rows")
     outputs = pseudo_label.generate_partitioned(teacher, tokenizer, cfg, sources, rank=rank, world_size=world_size,
                                                 device=device, max_new_tokens=cfg.max_target_length)
     if rank == 0:
         files.write_report_outputs(out, {"key": wanted, "split": split, "outputs": outputs})
     return {"split": split, "rows": len(sources)}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def run(cfg, opts, lib=None) -> int:
@@ -257,15 +235,10 @@ def run(cfg, opts, lib=None) -> int:
     rows = {s: tokenized[s] for s in files.SPLITS}
     keys = {s: [files.row_key(i, t) for i, t in zip(ds["input_ids"], ds["labels"])] for s, ds in rows.items()}
 
-    verdict = [_decide(cfg, opts, source, tokenizer, teacher_config, prec, keys, log) if rank == 0 else None]
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(verdict, src=0)
-    verdict = verdict[0]
-    if "error" in verdict:
-        if rank == 0:
-            raise UserError(verdict["error"])
+    # Rank 0 decides and tells the others, so no rank waits in a collective for one that stopped.
+    verdict = teacher_runs.agreed(lambda: _decide(cfg, opts, source, tokenizer, teacher_config, prec, keys, log),
+                                  rank, world_size)
+    if verdict is None:
         return EXIT_USER_ERROR  # rank 0 prints it
     pending, manifest, out = verdict["pending"], verdict["manifest"], opts.cache_dir
     if rank == 0:
@@ -279,35 +252,30 @@ def run(cfg, opts, lib=None) -> int:
         f"{opts.cache_dtype}")
     started, tokens, nbytes, teacher = time.time(), 0, 0, None
     if pending:
-        teacher, engine = _load_teacher(cfg, source, teacher_config, prec, device, stage)
+        teacher, engine = teacher_runs.load_inference_teacher(cfg, source, teacher_config, prec, device, stage,
+                                                              wrap=models.HiddenStates)
         line, _ = models.teacher_memory_line(teacher)
         print((f"[rank {rank}] " if world_size > 1 else "") + line, flush=True)
         builder = _Builder(teacher, engine, Seq2SeqCollator(tokenizer), cfg, opts, device)
         builder.engine_synced = stage == 3 and world_size > 1
-        size = cfg.per_device_batch_size
+
+        def work(shard, calls):  # each rank writes its own shards
+            split, index, start, end = shard
+            tensors = builder.shard([rows[split][i] for i in range(start, end)], split, index, calls)
+            files.write_shard(out, split, index, start, tensors)
+            return (end - start, int(tensors["labels"].numel()),
+                    os.path.getsize(os.path.join(out, files.shard_name(split, index))))
+
+        def idle(shard, calls):
+            builder.idle(calls, [rows[shard[0]][shard[2]]])
+
         with tqdm(total=total, disable=rank != 0, desc="cache", dynamic_ncols=True) as bar:
-            for k in range(0, len(pending), world_size):
-                group = pending[k:k + world_size]
-                calls = max(-(-(end - start) // size) for _, _, start, end in group)
-                done = 0
-                if rank < len(group):
-                    split, index, start, end = group[rank]
-                    shard_rows = [rows[split][i] for i in range(start, end)]
-                    tensors = builder.shard(shard_rows, split, index, calls)
-                    files.write_shard(out, split, index, start, tensors)
-                    done = (end - start, int(tensors["labels"].numel()),
-                            os.path.getsize(os.path.join(out, files.shard_name(split, index))))
-                else:
-                    first = group[0]
-                    builder.idle(calls, [rows[first[0]][first[2]]])
-                for item in distributed.all_gather_objects(done, world_size):
+            for gathered in teacher_runs.rounds(pending, rank, world_size, cfg.per_device_batch_size, work, idle):
+                for item in gathered:
                     if item:
                         bar.update(item[0])
                         tokens, nbytes = tokens + item[1], nbytes + item[2]
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # every rank's shards are written
+    teacher_runs.barrier(world_size)  # every rank's shards are written
     report = _report_outputs(cfg, raw, out, source, teacher_config, tokenizer, prec, device, stage,
                              rank, world_size, teacher, log)
     if rank == 0:
@@ -315,38 +283,18 @@ def run(cfg, opts, lib=None) -> int:
         seconds = time.time() - started
         manifest.update(complete=True)
         stats = {"tokens": tokens, "bytes": nbytes, "seconds": round(seconds, 2)}
-        manifest["info"].update(finished=_now(), this_run=stats)
+        manifest["info"].update(finished=teacher_runs.now(), this_run=stats)
         files.write_manifest(out, manifest)
         if tokens:
             log(f"cache: {tokens} target tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s), "
                 f"{nbytes / tokens:.1f} bytes per target token (K={opts.top_k}: 6K+16 = {6 * opts.top_k + 16})")
         log(f"teacher cache written to {out} (train with --teacher-cache {out})")
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    teacher_runs.barrier(world_size)
     return 0
 
 
 def main(argv=None) -> int:
-    from distill import logs
-    from distill.guard import output_dir_lock
-    from distill.preflight import env_world_size, options_stage
-
-    parsed, code = options_stage(lambda: parse_args(argv), lambda p: preflight(p[0], p[1], env_world_size()))
-    if code is not None:
-        return code
-    cfg, opts = parsed
-    lib = logs.quiet_libraries()
-    try:
-        with output_dir_lock(opts.cache_dir):  # one build per folder; refused before anything is written
-            return run(cfg, opts, lib)
-    except UserError as exc:
-        prefix = f"[rank {os.environ.get('RANK', '0')}] " if env_world_size() > 1 else ""
-        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    finally:
-        lib.close()
+    return teacher_runs.builder_main(argv, parse_args, preflight, run, lambda opts: opts.cache_dir)
 
 
 if __name__ == "__main__":

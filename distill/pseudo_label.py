@@ -39,18 +39,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import sys
-import time
 
 if __package__ in (None, ""):  # `deepspeed distill/pseudo_label.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distill import config, pseudo_label_files as files  # noqa: E402
+from distill import teacher_runs  # noqa: E402
 from distill.errors import UserError  # noqa: E402
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = teacher_runs.EXIT_USER_ERROR
 LIBRARY_LOG = "library.log"
 # DistillConfig fields this CLI shares with training (same flag, meaning and check).
 SHARED = ("model_type", "teacher", "teacher_local_path", "custom_tokenizer_local_path", "trust_remote_code",
@@ -238,29 +237,10 @@ def generate_partitioned(model, tokenizer, cfg, sources: list[str], *, rank: int
     return [merged[i] for i in range(len(sources))]
 
 
-def _load_teacher(cfg, source, teacher_config, prec, device, stage):
-    import torch
-
-    from distill import distributed, models, zero
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[prec]
-    ds_conf = distributed.teacher_ds_config(cfg, prec=prec) if stage == 3 else None
-    with zero.zero3_loading(ds_conf):  # each rank reads only its partition under ZeRO-3
-        teacher = models.load_teacher(source, cfg.model_type, config=teacher_config, dtype=dtype,
-                                      trust_remote_code=cfg.trust_remote_code)
-    if ds_conf is None:
-        return teacher.to(device)
-    import deepspeed
-
-    engine, *_ = deepspeed.initialize(model=teacher, config=ds_conf)
-    engine.eval()
-    return engine.module  # generate() on the module; the engine's hooks gather each layer
-
-
 def load_partitioned_teacher(cfg, source, teacher_config, prec, device):
     """The teacher under ZeRO-3 inference (each rank reads and keeps only its partition), ready
     for generate_partitioned."""
-    return _load_teacher(cfg, source, teacher_config, prec, device, 3)
+    return teacher_runs.load_inference_teacher(cfg, source, teacher_config, prec, device, 3)[0]
 
 
 def _load_rows(cfg, opts, log) -> dict[str, tuple[list[str], list]]:
@@ -299,12 +279,8 @@ def _decide(cfg, opts, source, teacher_config, tokenizer, prec, rows, log) -> di
                          "target_column": cfg.target_column, "max_samples": opts.max_samples,
                          "with_reference": {s: sum(t is not None for t in refs) for s, (_, refs) in rows.items()},
                          "per_device_batch_size": cfg.per_device_batch_size,
-                         "created": (manifest or {}).get("info", {}).get("created", _now())}}
+                         "created": (manifest or {}).get("info", {}).get("created", teacher_runs.now())}}
     return {"pending": pending, "manifest": manifest}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def run(cfg, opts, lib=None) -> int:
@@ -323,15 +299,9 @@ def run(cfg, opts, lib=None) -> int:
     rows = _load_rows(cfg, opts, log)
 
     # Rank 0 decides and tells the others, so no rank waits in a collective for one that stopped.
-    verdict = [_decide(cfg, opts, source, teacher_config, tokenizer, prec, rows, log) if rank == 0 else None]
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(verdict, src=0)
-    verdict = verdict[0]
-    if "error" in verdict:
-        if rank == 0:
-            raise UserError(verdict["error"])
+    verdict = teacher_runs.agreed(lambda: _decide(cfg, opts, source, teacher_config, tokenizer, prec, rows, log),
+                                  rank, world_size)
+    if verdict is None:
         return EXIT_USER_ERROR  # rank 0 prints it
     pending, manifest, out = verdict["pending"], verdict["manifest"], opts.output_dir
     if rank == 0:
@@ -344,23 +314,22 @@ def run(cfg, opts, lib=None) -> int:
         f"({total} rows) to generate on {world_size} rank(s), teacher ZeRO stage {stage}, num_beams "
         f"{opts.num_beams}, max_new_tokens {opts.max_new_tokens}" + (", sampling" if opts.do_sample else ""))
     if pending:
-        model = _load_teacher(cfg, source, teacher_config, prec, device, stage)
+        model, _ = teacher_runs.load_inference_teacher(cfg, source, teacher_config, prec, device, stage)
         line, _ = models.teacher_memory_line(model)
         print((f"[rank {rank}] " if world_size > 1 else "") + line, flush=True)
         generate = _Generator(model, tokenizer, cfg, opts, device, synced=stage == 3 and world_size > 1)
+
+        def work(shard, calls):
+            split, index, start, end = shard
+            return split, index, start, generate.shard(split, index, rows[split][0][start:end], calls)
+
+        def idle(shard, calls):
+            generate.idle(calls, rows[shard[0]][0][0])
+
+        # the outputs go to rank 0, which alone writes the shards
         with tqdm(total=total, disable=rank != 0, desc="pseudo-label", dynamic_ncols=True) as bar:
-            # One round: one pending shard per rank, all ranks making the same number of generate
-            # calls (synced_gpus), then the outputs go to rank 0, which writes the shards.
-            for k in range(0, len(pending), world_size):
-                group = pending[k:k + world_size]
-                calls = max(math.ceil((end - start) / cfg.per_device_batch_size) for _, _, start, end in group)
-                result = None
-                if rank < len(group):
-                    split, index, start, end = group[rank]
-                    result = (split, index, start, generate.shard(split, index, rows[split][0][start:end], calls))
-                else:
-                    generate.idle(calls, rows[group[0][0]][0][0])
-                for item in distributed.all_gather_objects(result, world_size):
+            for gathered in teacher_runs.rounds(pending, rank, world_size, cfg.per_device_batch_size, work, idle):
+                for item in gathered:
                     if rank == 0 and item is not None:
                         split, index, start, outputs = item
                         sources, references = rows[split]
@@ -370,37 +339,15 @@ def run(cfg, opts, lib=None) -> int:
                         bar.update(len(outputs))
     if rank == 0:
         manifest.update(complete=True)
-        manifest["info"]["finished"] = _now()
+        manifest["info"]["finished"] = teacher_runs.now()
         files.write_manifest(out, manifest)
         log(f"pseudo-labels written to {out} (train with --pseudo-labels {out} --target-source teacher|mixed)")
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    teacher_runs.barrier(world_size)
     return 0
 
 
 def main(argv=None) -> int:
-    from distill import logs
-    from distill.guard import output_dir_lock
-    from distill.preflight import env_world_size, options_stage
-
-    # Under a launcher every rank runs this: preflight's option stage prints once (rank 0).
-    parsed, code = options_stage(lambda: parse_args(argv),
-                                 lambda p: preflight(p[0], p[1], env_world_size()))
-    if code is not None:
-        return code
-    cfg, opts = parsed
-    lib = logs.quiet_libraries()
-    try:
-        with output_dir_lock(opts.output_dir):  # one run per folder; refused before anything is written
-            return run(cfg, opts, lib)
-    except UserError as exc:
-        prefix = f"[rank {os.environ.get('RANK', '0')}] " if env_world_size() > 1 else ""
-        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    finally:
-        lib.close()
+    return teacher_runs.builder_main(argv, parse_args, preflight, run, lambda opts: opts.output_dir)
 
 
 if __name__ == "__main__":

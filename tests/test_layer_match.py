@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill import layer_match, models
+from distill import models
 from distill.engine import Distiller
 from distill.layer_match import LayerMatch, masked_mse
 from distill.objective import Objective

@@ -6,7 +6,6 @@ logging only really run with more than one rank.
 """
 import json
 import os
-import re
 import subprocess
 import sys
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distill import cache_teacher, models, teacher_cache_files as files
-from distill.teacher_cache import TeacherCache, sample_weights
+from distill.teacher_cache import sample_weights
 from distill.train import main as train_main
 from launch_env import clean_env, free_port
 

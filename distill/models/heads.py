@@ -7,7 +7,6 @@ embeddings scales the decoder output by d_model**-0.5 before its lm_head.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
