@@ -37,7 +37,8 @@ import glob
 import hashlib
 import json
 import os
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 from distill.config import is_unset
 from distill.errors import UserError
@@ -52,6 +53,24 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 _TMP_PREFIX = ".tmp-"
 _READ = 16 * 2**20
 MAKE = "python -m distill.pseudo_label"
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """A builder's folder as its checks name it: the pseudo-labels' (here) and the teacher
+    cache's (teacher_cache_files.CACHE) share folder_state, read_manifest and the training checks."""
+    name: str            # "pseudo-labels": "holds no pseudo-labels", "is not a ... manifest"
+    manifest: str
+    format: str
+    make: str            # the command that makes the folder
+    make_verb: str       # "make the teacher's outputs": "...; make the teacher's outputs with CMD"
+    remake: str          # "make the pseudo-labels again"
+    made: str            # "were made": "--pseudo-labels DIR were made with --source-prefix ..."
+    folder_flag: str     # the builder's folder option
+    overwrite_flag: str
+    train_flag: str      # the training option that reads the folder
+    log: str             # the builder's log prefix
+    ours: Callable[[str], bool]  # the kind's files in the folder (what the overwrite flag removes)
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -203,19 +222,21 @@ def shard_done(folder: str, split: str, index: int, start: int, sources: list[st
         for i, (r, s) in enumerate(zip(rows, sources)))
 
 
-def read_manifest(folder: str) -> dict | None:
-    """The folder's manifest, None when it has none; a UserError when it cannot be read."""
-    path = os.path.join(folder, MANIFEST)
+def read_manifest(folder: str, kind=None) -> dict | None:
+    """The folder's manifest, None when it has none; a UserError when it cannot be read or is
+    not one of `kind` (a FolderKind; default: the pseudo-labels')."""
+    kind = kind or PSEUDO_LABELS
+    path = os.path.join(folder, kind.manifest)
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as fh:
             manifest = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path} cannot be read ({type(exc).__name__}); make the pseudo-labels again "
-                        f"({MAKE} ... --output-dir {folder} --overwrite-output-dir)") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "identity" not in manifest:
-        raise UserError(f"{path} is not a pseudo-label manifest; pass a folder written by {MAKE}")
+        raise UserError(f"{path} cannot be read ({type(exc).__name__}); {kind.remake} ({kind.make} ... "
+                        f"{kind.folder_flag} {folder} {kind.overwrite_flag})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != kind.format or "identity" not in manifest:
+        raise UserError(f"{path} is not a {kind.name} manifest; pass a folder written by {kind.make}")
     return manifest
 
 
@@ -243,46 +264,62 @@ def _ours(name: str) -> bool:
     return name == MANIFEST or (name.endswith(".jsonl") and name.split("-")[0] in SPLITS)
 
 
+PSEUDO_LABELS = FolderKind(
+    name="pseudo-labels", manifest=MANIFEST, format=FORMAT, make=MAKE, make_verb="make the teacher's outputs",
+    remake="make the pseudo-labels again", made="were made", folder_flag="--output-dir",
+    overwrite_flag="--overwrite-output-dir", train_flag="--pseudo-labels", log="pseudo-label", ours=_ours)
+
+
 def pending_shards(out: str, identity: dict, sources: dict[str, list[str]], overwrite: bool,
                    log) -> tuple[list, dict | None]:
-    """(the shards still to make, the folder's manifest when the run continues it).
+    """(the shards still to make, the folder's manifest when the run continues it): folder_state
+    for the pseudo-labels, a shard done when it holds exactly its rows' sources."""
+    return folder_state(PSEUDO_LABELS, out, identity, {s: len(t) for s, t in sources.items()}, overwrite, log,
+                        lambda split, index, start, end: shard_done(out, split, index, start,
+                                                                    sources[split][start:end]))
 
-    A folder made with the same identity is continued (its complete shards kept, even with
-    --overwrite-output-dir); one made otherwise, or holding other files, is refused unless
-    `overwrite`, which deletes the old pseudo-labels (manifest and shards) first. Rank 0 only,
-    under the output-dir lock; raises UserError before anything is written.
-    """
+
+def folder_state(kind, out: str, identity: dict, rows: dict[str, int], overwrite: bool, log,
+                 done) -> tuple[list, dict | None]:
+    """(the shards still to make as (split, index, start, end), the folder's manifest when the
+    run continues it), for a builder's folder of `kind` (a FolderKind).
+
+    A folder made with the same identity is continued (its complete shards kept: `done(split,
+    index, start, end)`, even with the overwrite flag); one made otherwise, or holding other
+    files, is refused unless `overwrite`, which deletes the kind's old files (manifest and
+    shards) first. Rank 0 only, under the folder's lock; raises UserError before anything is
+    written."""
     from distill.guard import is_lock_file
 
     entries = [n for n in os.listdir(out) if not is_lock_file(n)] if os.path.isdir(out) else []
     manifest = None
     if entries:
         try:
-            manifest = read_manifest(out)
+            manifest = read_manifest(out, kind)
         except UserError:
             if not overwrite:
                 raise
         diff = first_difference(manifest["identity"], identity) if manifest is not None else None
         if not overwrite and manifest is None:
-            raise UserError(f"--output-dir {out!r} is not empty and holds no pseudo-labels ({MANIFEST}); "
-                            "choose an empty or new folder, or pass --overwrite-output-dir")
+            raise UserError(f"{kind.folder_flag} {out!r} is not empty and holds no {kind.name} ({kind.manifest}); "
+                            f"choose an empty or new folder, or pass {kind.overwrite_flag}")
         if not overwrite and diff:
             key, old, new = diff
-            raise UserError(f"--output-dir {out!r} holds pseudo-labels made otherwise ({key}: {describe(old)} "
-                            f"there, {describe(new)} now); rerun with the options, teacher and data that "
-                            "made them to continue, pass --overwrite-output-dir to replace them, or "
-                            "choose another --output-dir")
-        if manifest is None or diff:  # --overwrite-output-dir
-            for name in filter(_ours, entries):
+            raise UserError(f"the {kind.name} in {kind.folder_flag} {out!r} came from other settings ({key}: "
+                            f"{describe(old)} there, {describe(new)} now); rerun with the options, teacher and "
+                            f"data that made it to continue, pass {kind.overwrite_flag} to replace it, or choose "
+                            f"another {kind.folder_flag}")
+        if manifest is None or diff:
+            for name in filter(kind.ours, entries):
                 os.remove(os.path.join(out, name))
             manifest = None
-            log(f"pseudo-label: --overwrite-output-dir: removed the pseudo-labels in {out}")
+            log(f"{kind.log}: {kind.overwrite_flag}: removed the {kind.name} in {out}")
         remove_temporaries(out)
-    plan = plan_shards({s: len(t) for s, t in sources.items()}, identity["shard_size"])
+    plan = plan_shards(rows, identity["shard_size"])
     if manifest is None:
         return plan, None
-    todo = [p for p in plan if not shard_done(out, p[0], p[1], p[2], sources[p[0]][p[2]:p[3]])]
-    log(f"pseudo-label: continuing {out}: {len(plan) - len(todo)} of {len(plan)} shards are complete")
+    todo = [p for p in plan if not done(*p)]
+    log(f"{kind.log}: continuing {out}: {len(plan) - len(todo)} of {len(plan)} shards are complete")
     return todo, manifest
 
 
@@ -291,41 +328,51 @@ def pending_shards(out: str, identity: dict, sources: dict[str, list[str]], over
 def check_for_training(folder, *, source_prefix: str, max_source_length: int) -> dict:
     """--pseudo-labels DIR: a complete manifest made with this run's input settings (no torch;
     preflight). The teacher and tokenizer are compared later (check_teacher), once loaded."""
+    return check_folder_for_training(PSEUDO_LABELS, folder, (("--source-prefix", "source_prefix", source_prefix),
+                                                             ("--max-source-length", "max_source_length",
+                                                              max_source_length)))
+
+
+def check_folder_for_training(kind, folder, settings) -> dict:
+    """The training flag's folder of `kind`: a complete manifest whose identity has each
+    (flag, key, value) of `settings` (this run's input settings). No torch (preflight)."""
+    flag = kind.train_flag
     if is_unset(folder) or not os.path.isdir(folder):
-        raise UserError(f"--pseudo-labels {folder!r} is not a folder; make the teacher's outputs with "
-                        f"{MAKE} ... --output-dir DIR and pass that DIR")
-    manifest = read_manifest(folder)
+        raise UserError(f"{flag} {folder!r} is not a folder; {kind.make_verb} with {kind.make} ... "
+                        f"{kind.folder_flag} DIR and pass that DIR")
+    manifest = read_manifest(folder, kind)
     if manifest is None:
-        raise UserError(f"--pseudo-labels {folder!r} has no {MANIFEST}; make the teacher's outputs there "
-                        f"with {MAKE} ... --output-dir {folder}")
+        raise UserError(f"{flag} {folder!r} has no {kind.manifest}; {kind.make_verb} there with {kind.make} ... "
+                        f"{kind.folder_flag} {folder}")
     if manifest.get("complete") is not True:
-        raise UserError(f"--pseudo-labels {folder!r} is incomplete (its run stopped before the end); rerun "
-                        f"the same {MAKE} command to finish it")
+        raise UserError(f"{flag} {folder!r} is incomplete (its run stopped before the end); rerun "
+                        f"the same {kind.make} command to finish it")
     made = manifest["identity"]
-    for flag, key, value in (("--source-prefix", "source_prefix", source_prefix),
-                             ("--max-source-length", "max_source_length", max_source_length)):
+    for option, key, value in settings:
         if made.get(key) != value:
-            raise UserError(f"--pseudo-labels {folder!r} were made with {flag} {describe(made.get(key))}, "
-                            f"this run has {describe(value)}; pass {flag} {describe(made.get(key))} or "
-                            f"make pseudo-labels with {flag} {describe(value)}")
+            raise UserError(f"{flag} {folder!r} {kind.made} with {option} {describe(made.get(key))}, this run "
+                            f"has {describe(value)}; pass {option} {describe(made.get(key))} or {kind.make_verb} "
+                            f"with {option} {describe(value)}")
     return manifest
 
 
 def check_teacher(folder: str, manifest: dict, *, teacher: str, teacher_sha256: str,
-                  tokenizer_sha256: str) -> None:
-    """The pseudo-labels were made by this run's teacher (same config and weights) and tokenizer."""
-    made = manifest["identity"]
+                  tokenizer_sha256: str, kind=None) -> None:
+    """The folder of `kind` (default: pseudo-labels) was made by this run's teacher (same config
+    and weights) and tokenizer."""
+    kind = kind or PSEUDO_LABELS
+    made, flag = manifest["identity"], kind.train_flag
     if made.get("teacher_sha256") != teacher_sha256:
         by = manifest.get("info", {}).get("teacher", "another teacher")
-        raise UserError(f"--pseudo-labels {folder!r} were made by another teacher ({by}, fingerprint "
-                        f"{str(made.get('teacher_sha256'))[:12]}) than this run's {teacher} "
-                        f"({teacher_sha256[:12]}); pass the teacher they were made with, or make "
-                        f"pseudo-labels with this one ({MAKE} ... --output-dir NEW_DIR)")
+        raise UserError(f"{flag} {folder!r} {kind.made} by another teacher ({by}, fingerprint "
+                        f"{str(made.get('teacher_sha256'))[:12]}) than this run's {teacher} ({teacher_sha256[:12]}); "
+                        f"pass the teacher that made it, or {kind.make_verb} with this one ({kind.make} ... "
+                        f"{kind.folder_flag} NEW_DIR)")
     if made.get("tokenizer_sha256") != tokenizer_sha256:
-        raise UserError(f"--pseudo-labels {folder!r} were made with another tokenizer (fingerprint "
-                        f"{str(made.get('tokenizer_sha256'))[:12]}, this run's {tokenizer_sha256[:12]}); "
-                        "use the tokenizer they were made with (--custom-tokenizer-local-path), or make "
-                        f"pseudo-labels with this one ({MAKE} ... --output-dir NEW_DIR)")
+        raise UserError(f"{flag} {folder!r} {kind.made} with another tokenizer (fingerprint "
+                        f"{str(made.get('tokenizer_sha256'))[:12]}, this run's {tokenizer_sha256[:12]}); use the "
+                        "tokenizer it was made with (--custom-tokenizer-local-path), or "
+                        f"{kind.make_verb} with this one ({kind.make} ... {kind.folder_flag} NEW_DIR)")
 
 
 def _key(text: str) -> bytes:

@@ -35,7 +35,6 @@ import json
 import os
 
 from distill import pseudo_label_files as plf
-from distill.config import is_unset
 from distill.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -138,18 +137,7 @@ def write_report_outputs(folder: str, content: dict) -> None:
 # ----------------------------------------------------------------------------- manifest
 
 def read_manifest(folder: str) -> dict | None:
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} cannot be read ({type(exc).__name__}); build the cache again "
-                        f"({MAKE} ... --cache-dir {folder} --overwrite-cache)") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "identity" not in manifest:
-        raise UserError(f"{path} is not a teacher cache manifest; pass a folder written by {MAKE}")
-    return manifest
+    return plf.read_manifest(folder, CACHE)
 
 
 def write_manifest(folder: str, manifest: dict) -> None:
@@ -160,42 +148,18 @@ def _ours(name: str) -> bool:
     return name in (MANIFEST, REPORT_OUTPUTS) or (name.endswith(".safetensors") and name.split("-")[0] in SPLITS)
 
 
+CACHE = plf.FolderKind(
+    name="teacher cache", manifest=MANIFEST, format=FORMAT, make=MAKE, make_verb="build a cache",
+    remake="build the cache again", made="was built", folder_flag="--cache-dir", overwrite_flag="--overwrite-cache",
+    train_flag="--teacher-cache", log="cache", ours=_ours)
+
+
 def pending_shards(out: str, identity: dict, keys: dict[str, list[bytes]], overwrite: bool, log):
     """(shards still to make as (split, index, start, end), the manifest when the run continues
-    the folder). Same rules as the pseudo-label folder: a folder made with the same identity is
-    continued (whole shards kept); another is refused unless `overwrite`, which removes its cache
-    files first. Rank 0, under the folder's lock; raises before anything is written."""
-    from distill.guard import is_lock_file
-
-    entries = [n for n in os.listdir(out) if not is_lock_file(n)] if os.path.isdir(out) else []
-    manifest = None
-    if entries:
-        try:
-            manifest = read_manifest(out)
-        except UserError:
-            if not overwrite:
-                raise
-        diff = plf.first_difference(manifest["identity"], identity) if manifest is not None else None
-        if not overwrite and manifest is None:
-            raise UserError(f"--cache-dir {out!r} is not empty and holds no teacher cache ({MANIFEST}); choose "
-                            "an empty or new folder, or pass --overwrite-cache")
-        if not overwrite and diff:
-            key, old, new = diff
-            raise UserError(f"--cache-dir {out!r} holds a cache made otherwise ({key}: {plf.describe(old)} there, "
-                            f"{plf.describe(new)} now); rerun with the options, teacher and data that made it "
-                            "to continue, pass --overwrite-cache to replace it, or choose another --cache-dir")
-        if manifest is None or diff:
-            for name in filter(_ours, entries):
-                os.remove(os.path.join(out, name))
-            manifest = None
-            log(f"cache: --overwrite-cache: removed the teacher cache in {out}")
-        plf.remove_temporaries(out)
-    plan = plf.plan_shards({s: len(k) for s, k in keys.items()}, identity["shard_size"])
-    if manifest is None:
-        return plan, None
-    todo = [p for p in plan if not shard_done(out, p[0], p[1], keys[p[0]][p[2]:p[3]])]
-    log(f"cache: continuing {out}: {len(plan) - len(todo)} of {len(plan)} shards are complete")
-    return todo, manifest
+    the folder): plf.folder_state for the cache, a shard done when its checksum holds and it
+    has exactly its rows' keys."""
+    return plf.folder_state(CACHE, out, identity, {s: len(k) for s, k in keys.items()}, overwrite, log,
+                            lambda split, index, start, end: shard_done(out, split, index, keys[split][start:end]))
 
 
 # ----------------------------------------------------------------------------- training side
@@ -203,37 +167,12 @@ def pending_shards(out: str, identity: dict, keys: dict[str, list[bytes]], overw
 def check_for_training(folder, *, source_prefix: str, max_source_length: int, max_target_length: int) -> dict:
     """--teacher-cache DIR: a complete manifest made with this run's input settings (no torch;
     preflight). The teacher, tokenizer and rows are compared once loaded (TeacherCache)."""
-    if is_unset(folder) or not os.path.isdir(folder):
-        raise UserError(f"--teacher-cache {folder!r} is not a folder; build the cache with {MAKE} ... "
-                        "--cache-dir DIR and pass that DIR")
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise UserError(f"--teacher-cache {folder!r} has no {MANIFEST}; build the cache there with {MAKE} ... "
-                        f"--cache-dir {folder}")
-    if manifest.get("complete") is not True:
-        raise UserError(f"--teacher-cache {folder!r} is incomplete (its build stopped before the end); rerun "
-                        f"the same {MAKE} command to finish it")
-    made = manifest["identity"]
-    for flag, key, value in (("--source-prefix", "source_prefix", source_prefix),
-                             ("--max-source-length", "max_source_length", max_source_length),
-                             ("--max-target-length", "max_target_length", max_target_length)):
-        if made.get(key) != value:
-            raise UserError(f"--teacher-cache {folder!r} was built with {flag} {plf.describe(made.get(key))}, "
-                            f"this run has {plf.describe(value)}; pass {flag} {plf.describe(made.get(key))} or "
-                            f"build a cache with {flag} {plf.describe(value)}")
-    return manifest
+    return plf.check_folder_for_training(CACHE, folder, (
+        ("--source-prefix", "source_prefix", source_prefix),
+        ("--max-source-length", "max_source_length", max_source_length),
+        ("--max-target-length", "max_target_length", max_target_length)))
 
 
 def check_teacher(folder: str, manifest: dict, *, teacher: str, teacher_sha256: str, tokenizer_sha256: str) -> None:
-    made = manifest["identity"]
-    if made.get("teacher_sha256") != teacher_sha256:
-        by = manifest.get("info", {}).get("teacher", "another teacher")
-        raise UserError(f"--teacher-cache {folder!r} was built from another teacher ({by}, fingerprint "
-                        f"{str(made.get('teacher_sha256'))[:12]}) than this run's {teacher} ({teacher_sha256[:12]}); "
-                        f"pass the teacher it was built from, or build a cache with this one ({MAKE} ... "
-                        "--cache-dir NEW_DIR)")
-    if made.get("tokenizer_sha256") != tokenizer_sha256:
-        raise UserError(f"--teacher-cache {folder!r} was built with another tokenizer (fingerprint "
-                        f"{str(made.get('tokenizer_sha256'))[:12]}, this run's {tokenizer_sha256[:12]}); use the "
-                        f"tokenizer it was built with (--custom-tokenizer-local-path), or build a cache with "
-                        f"this one ({MAKE} ... --cache-dir NEW_DIR)")
+    plf.check_teacher(folder, manifest, teacher=teacher, teacher_sha256=teacher_sha256,
+                      tokenizer_sha256=tokenizer_sha256, kind=CACHE)

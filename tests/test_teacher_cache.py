@@ -287,7 +287,7 @@ def test_a_cache_from_another_teacher_is_refused(cache, workspace, tmp_path, cap
     out = str(tmp_path / "student")
     argv = train_args(workspace, out, cache)
     argv[argv.index(workspace["t5"])] = other
-    _refused(capsys, train_main, argv, "was built from another teacher", out, cache)
+    _refused(capsys, train_main, argv, "was built by another teacher", out, cache)
 
 
 @pytest.mark.parametrize("damage,needle", [
@@ -335,7 +335,7 @@ def test_a_folder_that_is_not_a_cache(workspace, tmp_path, capsys, cache):
     _refused(capsys, train_main, train_args(workspace, out, str(empty)), "has no manifest.json", out)
     # a rebuild into the same folder with other options is refused, then replaced on request
     _refused(capsys, cache_teacher.main, cache_args(workspace, cache, "--top-k", "4"),
-             "holds a cache made otherwise (top_k: 8 there, 4 now)", cache)
+             "came from other settings (top_k: 8 there, 4 now)", cache)
 
 
 def test_resume_from_the_cache_continues_exactly(cache, workspace, tmp_path):
