@@ -354,31 +354,16 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-/* div: 0 forward_kl, 1 reverse_kl, 2 jsd (with 0 < beta < 1). Returns 0 on success, nonzero
- * when a thread or its scratch row could not be had. */
-int distill_rowstep(float *s, float *t, const int64_t *label, const float *mask, float *ce,
-                    float *kl, int64_t rows, int64_t vocab, int64_t ld, float inv_t, float c_ce,
-                    float c_kl, int want_grad, int div, double beta, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
-    if (threads > 256) threads = 256;
-    job_t jobs[256];
+/* Run fn over jobs[0..threads) (each `size` bytes), job 0 on this thread and the others on new
+ * threads (one that cannot be started runs here too). Returns nonzero when any job did. */
+static int run_jobs(void *(*fn)(void *), char *jobs, size_t size, int threads) {
     pthread_t tid[256];
     int started[256];
     int rc = 0;
-    for (int w = 0; w < threads; w++) {
-        job_t J = {s, t, label, mask, ce, kl, rows, vocab, ld, inv_t, c_ce, c_kl, want_grad, div, beta,
-                   rows * w / threads, rows * (w + 1) / threads};
-        jobs[w] = J;
-        started[w] = 0;
-    }
+    for (int w = 1; w < threads; w++) started[w] = pthread_create(&tid[w], NULL, fn, jobs + w * size) == 0;
     for (int w = 1; w < threads; w++)
-        started[w] = pthread_create(&tid[w], NULL, worker, &jobs[w]) == 0;
-    for (int w = 1; w < threads; w++)
-        if (!started[w]) { /* no thread: do its rows here */
-            if (worker(&jobs[w]) != NULL) rc = 1;
-        }
-    if (worker(&jobs[0]) != NULL) rc = 1;
+        if (!started[w] && fn(jobs + w * size) != NULL) rc = 1;
+    if (fn(jobs) != NULL) rc = 1;
     for (int w = 1; w < threads; w++) {
         void *ret = NULL;
         if (started[w]) {
@@ -387,6 +372,27 @@ int distill_rowstep(float *s, float *t, const int64_t *label, const float *mask,
         }
     }
     return rc;
+}
+
+static int clamp_threads(int threads, int64_t rows) {
+    if (threads < 1) threads = 1;
+    if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
+    return threads > 256 ? 256 : threads;
+}
+
+/* div: 0 forward_kl, 1 reverse_kl, 2 jsd (with 0 < beta < 1). Returns 0 on success, nonzero
+ * when a thread or its scratch row could not be had. */
+int distill_rowstep(float *s, float *t, const int64_t *label, const float *mask, float *ce,
+                    float *kl, int64_t rows, int64_t vocab, int64_t ld, float inv_t, float c_ce,
+                    float c_kl, int want_grad, int div, double beta, int threads) {
+    threads = clamp_threads(threads, rows);
+    job_t jobs[256];
+    for (int w = 0; w < threads; w++) {
+        job_t J = {s, t, label, mask, ce, kl, rows, vocab, ld, inv_t, c_ce, c_kl, want_grad, div, beta,
+                   rows * w / threads, rows * (w + 1) / threads};
+        jobs[w] = J;
+    }
+    return run_jobs(worker, (char *)jobs, sizeof(job_t), threads);
 }
 
 /* ---- The sparse loss's forward-KL row step (kernels/sparse.py) ----------------------------
@@ -537,30 +543,12 @@ int distill_sparse_rowstep(float *s, const int64_t *ids, const float *p, const f
                            const int64_t *label, const float *mask, float *ce, float *kl,
                            int64_t rows, int64_t vocab, int64_t ld, int64_t K, float inv_t,
                            float c_ce, float c_kl, int want_grad, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
-    if (threads > 256) threads = 256;
+    threads = clamp_threads(threads, rows);
     sparse_job_t jobs[256];
-    pthread_t tid[256];
-    int started[256];
-    int rc = 0;
     for (int w = 0; w < threads; w++) {
         sparse_job_t J = {s, ids, p, m_t, label, mask, ce, kl, rows, vocab, ld, K, inv_t, c_ce, c_kl,
                           want_grad, rows * w / threads, rows * (w + 1) / threads};
         jobs[w] = J;
-        started[w] = 0;
     }
-    for (int w = 1; w < threads; w++)
-        started[w] = pthread_create(&tid[w], NULL, sparse_worker, &jobs[w]) == 0;
-    for (int w = 1; w < threads; w++)
-        if (!started[w] && sparse_worker(&jobs[w]) != NULL) rc = 1;
-    if (sparse_worker(&jobs[0]) != NULL) rc = 1;
-    for (int w = 1; w < threads; w++) {
-        void *ret = NULL;
-        if (started[w]) {
-            pthread_join(tid[w], &ret);
-            if (ret != NULL) rc = 1;
-        }
-    }
-    return rc;
+    return run_jobs(sparse_worker, (char *)jobs, sizeof(sparse_job_t), threads);
 }
