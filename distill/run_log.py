@@ -57,7 +57,8 @@ class _Console(logging.Handler):
             from tqdm import tqdm
 
             stream = sys.stderr if record.levelno >= logging.ERROR else sys.stdout
-            tqdm.write(self.format(record), file=stream)
+            # the line and its newline in one write: ranks sharing a pipe do not splice lines
+            tqdm.write(self.format(record) + "\n", file=stream, end="")
             stream.flush()
         except Exception:  # a console that went away must not end the run (logging's own rule)
             self.handleError(record)
