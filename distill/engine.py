@@ -65,7 +65,8 @@ class Distiller:
     # ---- set-up -----------------------------------------------------------------------------
     def load_teacher(self, source: str, teacher_config):
         """The teacher from `source` with the config train.prepare loaded and checked already;
-        under ZeRO-3 each rank reads only its partition of the checkpoint."""
+        under ZeRO-3 each rank keeps only its partition (rank 0 reads the checkpoint's file, mapped:
+        page cache, not its memory; python -m distill.bench_memory shows both)."""
         self.teacher_ds_conf = (teacher_ds_config(self.cfg, prec=self.prec) if self.teacher_stage == 3
                                 else None)
         # The ZeRO-3 loading switch is gone again after this block, before the student is built,

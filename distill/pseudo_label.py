@@ -238,7 +238,7 @@ def generate_partitioned(model, tokenizer, cfg, sources: list[str], *, rank: int
 
 
 def load_partitioned_teacher(cfg, source, teacher_config, prec, device):
-    """The teacher under ZeRO-3 inference (each rank reads and keeps only its partition), ready
+    """The teacher under ZeRO-3 inference (each rank keeps only its partition), ready
     for generate_partitioned."""
     return teacher_runs.load_inference_teacher(cfg, source, teacher_config, prec, device, 3)[0]
 

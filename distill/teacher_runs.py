@@ -24,7 +24,7 @@ def now() -> str:
 
 def load_inference_teacher(cfg, source, teacher_config, prec, device, stage, *, wrap=None):
     """(teacher, runner): the teacher in eval mode at the run's precision and what to call.
-    stage 3: each rank reads and keeps only its partition (zero.zero3_loading) and the runner is
+    stage 3: each rank keeps only its partition (zero.zero3_loading) and the runner is
     the DeepSpeed inference engine around `wrap(teacher)` (the teacher itself when wrap is None),
     whose hooks gather each layer as it runs; else the whole teacher on `device` and the runner
     is `wrap(teacher)` (or the teacher)."""

@@ -202,7 +202,9 @@ def run(cfg: DistillConfig, lib, signals, trackers=None) -> int:
         hidden_dim=cfg.hidden_dim, vocab_size=cfg.vocab_size, init=cfg.student_init, log=log)
     distiller.build_engines(None if cache is not None else teacher, student, steps_per_epoch, total_steps,
                             cache=cache)
-    del teacher  # the engine keeps it when it runs; otherwise its memory goes now
+    # The engines keep what they run; these names (and the getter's closure over the teacher)
+    # would otherwise keep the models alive until the run returns, beside the report's copies.
+    del teacher, getter, student
 
     start_step, state = 0, {}
     if resume_path:

@@ -52,3 +52,14 @@ def test_unknown_preset_is_one_line_exit_2():
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "error: unknown preset 'huge'; choose from tiny, mid, base\n"
+
+
+def test_bench_memory_bad_options_are_one_line_exit_2(capsys):
+    from distill import bench_memory
+
+    for argv, needle in ((["--ranks", "two"], "--ranks 'two' must be a comma list"),
+                         (["--ranks", "0"], "--ranks '0' must be a comma list"),
+                         (["--steps", "0"], "--steps 0 must be >= 1")):
+        assert bench_memory.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
