@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import socket
 
+from distill.bench_memory import process_tree  # noqa: F401  (the tests' /proc walk)
+
 # A launcher's variables would make a child think it is one rank of a bigger job; DISTILL_FAULT
 # would inject a fault the test did not ask for.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -30,17 +32,3 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and every process below it (children of all its threads, read from /proc), parents
-    first; processes that end meanwhile are skipped."""
-    todo, found = [pid], []
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as fh:
-                    todo += [int(c) for c in fh.read().split()]
-        except OSError:
-            pass
-    return found

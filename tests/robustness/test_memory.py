@@ -40,27 +40,36 @@ def teachers(workspace, tmp_path_factory):
     return {"big": big, "tiny": tiny, "root": root}
 
 
+def sampled_runs(workspace, teachers, ranks: int) -> dict[str, tuple[dict, str]]:
+    """The same `ranks`-rank run through the report with each teacher: {name: ({rank: {phase or
+    (phase, "file"): peak bytes}}, output dir)}."""
+    runs = {}
+    for name in ("tiny", "big"):
+        out = str(teachers["root"] / f"out{ranks}-{name}")
+        cmd = train_command(ranks, free_port(), teachers[name], workspace["data"], out, 2) + [
+            "--dataset-input-column", "article", "--dataset-target-column", "highlights"]
+        rc, log, by_phase = run_and_sample(cmd, clean_env())
+        assert rc == 0, log[-4000:]
+        assert set(by_phase) == set(range(ranks)), by_phase
+        runs[name] = by_phase, out
+    return runs
+
+
 @pytest.mark.slow  # two 2-rank runs with the report: about 2 min on 2 CPU cores
 def test_no_rank_holds_more_than_its_share_of_a_zero3_teacher_in_any_phase(workspace, teachers):
     size = os.path.getsize(os.path.join(teachers["big"], "model.safetensors"))
     assert size >= 200 * 2**20
-    peaks, reports = {}, {}
-    for name in ("tiny", "big"):
-        out = str(teachers["root"] / f"out-{name}")
-        cmd = train_command(2, free_port(), teachers[name], workspace["data"], out, 2) + [
-            "--dataset-input-column", "article", "--dataset-target-column", "highlights"]
-        rc, log, by_phase = run_and_sample(cmd, clean_env())
-        assert rc == 0, log[-4000:]
-        assert set(by_phase) == {0, 1}, by_phase
-        peaks[name] = {rank: max(v for k, v in phases.items() if isinstance(k, str)) for rank, phases in by_phase.items()}
-        with open(os.path.join(out, "report", "report.json"), encoding="utf-8") as fh:
-            reports[name] = json.load(fh)
+    runs = sampled_runs(workspace, teachers, 2)
+    # each rank's peak over the whole run
+    peaks = {name: {rank: max(v for k, v in phases.items() if isinstance(k, str)) for rank, phases in by_phase.items()}
+             for name, (by_phase, _) in runs.items()}
     for rank in (0, 1):
         extra = peaks["big"][rank] - peaks["tiny"][rank]
         assert extra <= 0.65 * size, (f"rank {rank}: {extra / 2**20:.0f} MiB above the tiny-teacher run "
                                      f"with a {size / 2**20:.0f} MiB teacher", peaks)
     # The report still has the teacher's quality, from outputs the ranks generated together.
-    report = reports["big"]
+    with open(os.path.join(runs["big"][1], "report", "report.json"), encoding="utf-8") as fh:
+        report = json.load(fh)
     assert "partitioned" in report["settings"]["teacher_outputs_from"]
     teacher = report["models"]["teacher"]
     assert teacher["parameters"] > 50e6 and teacher["rougeLsum"] is not None
@@ -73,16 +82,14 @@ def test_one_rank_never_holds_two_copies_of_the_teacher(workspace, teachers):
     report loads the teacher again: the training run's copy must be gone by then (a name in the
     run's frame kept it: two copies, +2.0 x the teacher, measured before the fix)."""
     size = os.path.getsize(os.path.join(teachers["big"], "model.safetensors"))
-    peaks = {}
-    for name in ("tiny", "big"):
-        out = str(teachers["root"] / f"out1-{name}")
-        cmd = train_command(1, free_port(), teachers[name], workspace["data"], out, 2) + [
-            "--dataset-input-column", "article", "--dataset-target-column", "highlights"]
-        rc, log, by_phase = run_and_sample(cmd, clean_env())
-        assert rc == 0, log[-4000:]
-        assert ("report", "file") in by_phase[0] and ("train", "file") in by_phase[0], by_phase
-        peaks[name] = by_phase[0]
-    for phase in ("train", "report"):
-        extra = peaks["big"][phase, "file"] + peaks["big"][phase] - peaks["tiny"][phase, "file"] - peaks["tiny"][phase]
+    peaks = {name: by_phase[0] for name, (by_phase, _) in sampled_runs(workspace, teachers, 1).items()}
+
+    def held(name, phase):  # the rank's own tensors and its mapped files
+        return peaks[name][phase] + peaks[name][phase, "file"]
+
+    assert all(("report", "file") in p for p in peaks.values()), peaks
+    phases = [ph for ph in ("load", "train", "eval", "export", "report") if all(ph in p for p in peaks.values())]
+    for phase in phases:  # the report's phase always; the others where both runs sampled them
+        extra = held("big", phase) - held("tiny", phase)
         assert extra <= 1.4 * size, (phase, f"{extra / 2**20:.0f} MiB above the tiny-teacher run with a "
                                             f"{size / 2**20:.0f} MiB teacher", peaks)
