@@ -34,12 +34,26 @@ import tempfile
 import threading
 import time
 
+from distill.distributed import free_port
+
 PHASES = ("load", "train", "eval", "export", "report")
 # rank 0's line that starts each phase after "load"
 _STARTS = {"train": re.compile(r"^world size \d+;"), "eval": re.compile(r"step (\d+)/\1 \(100%\)"),
            "export": re.compile(r"^final eval loss"), "report": re.compile(r"^distilled student written")}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# A launcher's variables would make a child think it is one rank of a bigger job; DISTILL_FAULT
+# would inject a fault the run did not ask for.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "CROSS_RANK", "CROSS_SIZE", "DISTILL_FAULT")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """os.environ without launcher variables, offline, one thread per process (the ranks share
+    the machine's cores), unbuffered output; `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
 
 
 def process_tree(pid: int) -> list[int]:
@@ -144,14 +158,6 @@ def make_inputs(root: str) -> dict:
     return {"data": data, "big": big, "tiny": tiny}
 
 
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m distill.bench_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="1,2", help="comma list of world sizes (CPU ranks)")
@@ -167,8 +173,7 @@ def main(argv=None) -> int:
     if args.steps < 1:
         print(f"error: --steps {args.steps} must be >= 1", file=sys.stderr)
         return 2
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = clean_env()
     mib = 2**20
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as root:
         inputs = make_inputs(root)
@@ -183,7 +188,7 @@ def main(argv=None) -> int:
             peaks = {}
             for name in ("tiny", "big"):
                 out = os.path.join(root, f"out-{ranks}-{name}")
-                cmd = train_command(ranks, _free_port(), inputs[name], inputs["data"], out, args.steps)
+                cmd = train_command(ranks, str(free_port()), inputs[name], inputs["data"], out, args.steps)
                 rc, log, peaks[name] = run_and_sample(cmd, env)
                 if rc != 0 or set(peaks[name]) != set(range(ranks)):
                     print(f"error: the {ranks}-rank run with the {name} teacher failed (exit {rc}):\n{log[-3000:]}",

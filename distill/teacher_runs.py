@@ -28,11 +28,11 @@ def load_inference_teacher(cfg, source, teacher_config, prec, device, stage, *, 
     the DeepSpeed inference engine around `wrap(teacher)` (the teacher itself when wrap is None),
     whose hooks gather each layer as it runs; else the whole teacher on `device` and the runner
     is `wrap(teacher)` (or the teacher)."""
-    import torch
 
     from distill import distributed, models, zero
+    from distill.engine import DTYPES
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[prec]
+    dtype = DTYPES[prec]
     ds_conf = distributed.teacher_ds_config(cfg, prec=prec) if stage == 3 else None
     with zero.zero3_loading(ds_conf):
         teacher = models.load_teacher(source, cfg.model_type, config=teacher_config, dtype=dtype,

@@ -196,8 +196,8 @@ class FusedLinearSparseDistill(torch.autograd.Function):
             s = h @ w32.t()
             if b32 is not None:
                 s += b32
+            p, m_t = _sparse_targets(lp_all[i:j], inv_t, vocab, None if tail_all is None else tail_all[i:j])
             if row_fn is not None:
-                p, m_t = _sparse_targets(lp_all[i:j], inv_t, vocab, None if tail_all is None else tail_all[i:j])
                 ce_row, d_row = native.sparse_rowstep(row_fn, s, k_ids, p, m_t, lab_c.view(-1), m.view(-1), inv_t,
                                                       c_ce, c_kl, want_grad)
                 ce_sum += (ce_row * m.view(-1)).sum()
@@ -214,7 +214,6 @@ class FusedLinearSparseDistill(torch.autograd.Function):
             log_q = z.gather(1, k_ids) - lse
             off = z.scatter(1, k_ids, float("-inf"))
             lse_off = torch.logsumexp(off, dim=1, keepdim=True)  # -inf when the support is everything
-            p, m_t = _sparse_targets(lp_all[i:j], inv_t, vocab, None if tail_all is None else tail_all[i:j])
             if divergence == "forward_kl":
                 has_tail = m_t > 0  # never where the support is the whole vocabulary (lse_off = -inf)
                 tail = torch.where(has_tail, m_t * (m_t.clamp_min(1e-38).log() - (lse_off - lse)), torch.zeros_like(m_t))
