@@ -11,9 +11,11 @@ How things are measured (also written into every report, so a reader needs no so
   length, repetition rules) still applies.
 - Speed: every model is warmed up first (one call per measured shape), then repetitions are
   interleaved across models, in an order rotated each round, so drift (thermal, other load)
-  hits all models alike. Latency at batch 1, greedy and beam (--num-beams): one different input
-  per repetition, p50/p90 in ms. Throughput: a batch of --batch-size inputs (cycled if there are
-  fewer), samples/s from the median time. Generation stops at EOS, so a model that writes longer
+  hits all models alike; each model's turn starts with one untimed call (the switch from
+  another model, its data out of the caches, is not this model's cost). Latency at batch 1,
+  greedy and beam (--num-beams): one different input per repetition, p50/p90 in ms.
+  Throughput: a batch of --batch-size inputs (cycled if there are fewer), samples/s from the
+  median time. Generation stops at EOS, so a model that writes longer
   outputs pays for it; the mean number of new tokens is reported next to the times.
   Beam latency only when --num-beams > 1 (greedy is timed anyway).
 - Memory: weights (parameters + buffers) plus the peak tensor memory of one extra, untimed
@@ -23,7 +25,9 @@ How things are measured (also written into every report, so a reader needs no so
 - Size: parameters counted once (tied embeddings shared), bytes of weight files on disk.
 
 Models are called by name everywhere (tables, examples, plot, report.json): the teacher
-"teacher" (or teacher_name), each student NAME from --student NAME=DIR, else its folder's name.
+"teacher" (or teacher_name), each student NAME from --student NAME=DIR, else its folder's name,
+the teacher in a runtime "teacher [NAME]" (--teacher-runtime: a runtime student's speedups are
+against the teacher in the same runtime, so both are served alike).
 Columns with nothing measured are left out of the tables; report.json keeps their keys as null.
 """
 from __future__ import annotations
@@ -57,7 +61,7 @@ def _resolve_device(device):
     return torch.device(device)
 
 
-def _load(path: str, role: str, device, trust_remote_code: bool):
+def _load(path: str, role: str, device, trust_remote_code: bool, runtime_threads: int | None = None):
     """Model and its own tokenizer, through distill.models' loader: safetensors first, pickles
     only with weights_only, no remote code unless asked, a fast one-line error for an
     unreachable Hub id. On CPU everything runs in float32 (half precision is slow or missing
@@ -70,7 +74,7 @@ def _load(path: str, role: str, device, trust_remote_code: bool):
     from distill.models import load_pretrained
 
     if runtime.is_runtime_folder(path):  # a CTranslate2 / ONNX export of a student (distill/runtime.py)
-        return runtime.load(path, role, device)
+        return runtime.load(path, role, device, threads=runtime_threads)
     flag = f"--{role}"
     try:
         model = load_pretrained(AutoModelForSeq2SeqLM.from_pretrained, path, role, flag,
@@ -168,12 +172,58 @@ def _ratio(num, den):
     return num / den if num is not None and den else None
 
 
+def _runtime_key(path: str) -> tuple[str, str | None]:
+    manifest = runtime.read_manifest(os.path.expanduser(path))
+    return manifest["runtime"], manifest.get("quantization")
+
+
+def _teacher_runtime_rows(teacher: str, named, folders) -> list[tuple[str, str, str]]:
+    """(name, "teacher-runtime", path) per --teacher-runtime folder; UserError for a folder that
+    is not a runtime export of this teacher, or two of the same runtime and quantization."""
+    rows, keys = [], {}
+    taken = {name for name, _, _ in named}
+    for path in folders:
+        folder = os.path.expanduser(path)
+        how = "python -m distill.export_runtime TEACHER_DIR --to ct2 (or onnx)"
+        if not os.path.isdir(folder) or not runtime.is_runtime_folder(folder):
+            raise UserError(f"--teacher-runtime {path!r} is not a runtime folder (no {runtime.MANIFEST}); "
+                            f"export the teacher with {how}")
+        manifest = runtime.read_manifest(folder, "teacher")
+        key = (manifest["runtime"], manifest.get("quantization"))
+        name = f"{named[0][0]} [{runtime.folder_name(*key)}]"
+        if key in keys:
+            raise UserError(f"--teacher-runtime {keys[key]!r} and {path!r} are both {runtime.folder_name(*key)}; "
+                            f"give one teacher folder per runtime and quantization")
+        if name in taken:
+            raise UserError(f"two models are named {name!r}; rename the student with --student NAME=DIR")
+        expanded = os.path.expanduser(teacher)
+        if os.path.isfile(os.path.join(expanded, "config.json")) and (
+                runtime.weights_fingerprint(expanded) != manifest["student"]["weights_sha256"]):
+            raise UserError(f"--teacher-runtime {path!r} was exported from other weights than the teacher "
+                            f"{teacher!r}; export this teacher: {how.replace('TEACHER_DIR', teacher)}")
+        keys[key] = path
+        taken.add(name)
+        rows.append((name, "teacher-runtime", path))
+    return rows
+
+
+def _speed_baseline(path: str, named) -> str:
+    """The row a student's speedups are measured against: for a runtime folder the teacher in
+    the same runtime (same quantization, else float32) when one is given, else the teacher."""
+    teachers = {_runtime_key(p): name for name, role, p in named if role == "teacher-runtime"}
+    if teachers and runtime.is_runtime_folder(os.path.expanduser(path)):
+        kind, quantization = _runtime_key(path)
+        return teachers.get((kind, quantization)) or teachers.get((kind, None)) or named[0][0]
+    return named[0][0]
+
+
 def run_report(teacher: str, students: list[str | tuple[str, str]], sources: list[str],
                references: list[str], output_dir: str, *, teacher_name="teacher",
                main_metric="auto", source_prefix="", max_source_length=512, max_new_tokens=128,
                batch_size=32, num_beams=4, speed_repeats=5, skip_speed=False, device=None,
                trust_remote_code=False, teacher_outputs: list[str] | None = None,
-               teacher_outputs_from: str | None = None, log=print) -> dict:
+               teacher_outputs_from: str | None = None, teacher_runtimes: list[str] = (),
+               runtime_threads: int | None = None, log=print) -> dict:
     """Evaluate the teacher and each student on `sources`; write report.md, report.json and
     quality_vs_speed.png into `output_dir`; return the report.json content.
 
@@ -188,12 +238,21 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
     report, where the teacher stays partitioned over the ranks: `teacher_outputs_from` says how).
     The teacher is then never loaded: its quality comes from them, its speed and memory are not
     measured (nor the speedups), its size is counted from its config.
+
+    `teacher_runtimes`: runtime folders of the teacher (python -m distill.export_runtime on the
+    teacher's folder), each a row named "TEACHER [NAME]" (role "teacher-runtime"). A student
+    that is a runtime folder then takes its speedups against the teacher in the same runtime
+    (same quantization if given, else the float32 one): served alike, the ratio is the models',
+    not the runtimes'. Each student's "speedup_vs" names its baseline; report["same_runtime"]
+    lists those pairs. Quality kept is always against the PyTorch teacher. `runtime_threads`:
+    the threads each runtime computes with (default: torch's thread count, as PyTorch's rows).
     """
     import torch
 
     if not students:
         raise UserError("no student given; pass at least one --student folder")
     named = name_models(teacher, teacher_name, students)
+    named += _teacher_runtime_rows(teacher, named, teacher_runtimes)
     for name, role, path in named[1:]:
         if not os.path.isdir(os.path.expanduser(path)):
             raise UserError(f"student folder {path!r} ({name!r}) not found; pass the folder the "
@@ -209,7 +268,8 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
                         f"every input needs its target")
     for name, value, low in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1),
                              ("num_beams", num_beams, 1), ("speed_repeats", speed_repeats, 1),
-                             ("max_source_length", max_source_length, 1)):
+                             ("max_source_length", max_source_length, 1),
+                             ("runtime_threads", 1 if runtime_threads is None else runtime_threads, 1)):
         if int(value) < low:
             raise UserError(f"{name} is {value}; expected an integer >= {low}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -226,7 +286,7 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
             entries.append({"name": name, "role": role, "path": path, "model": None, "tokenizer": None})
             continue
         log(f"evaluate: loading {role} {name!r} from {path}")
-        model, tokenizer = _load(os.path.expanduser(path), role, device, trust_remote_code)
+        model, tokenizer = _load(os.path.expanduser(path), role, device, trust_remote_code, runtime_threads)
         entries.append({"name": name, "role": role, "path": path, "model": model,
                         "tokenizer": tokenizer})
 
@@ -266,11 +326,21 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
     for name, figures in models.items():
         figures.update(speed.get(name, dict.fromkeys(SPEED_KEYS)))
     t = models[named[0][0]]
-    for name, m in models.items():
-        if m["role"] == "student":
-            m["speedup_b1"] = _ratio(t["latency_greedy_b1_p50_ms"], m["latency_greedy_b1_p50_ms"])
-            m["speedup_b32"] = _ratio(m["throughput_samples_per_s"], t["throughput_samples_per_s"])
-            m["quality_retention"] = _ratio(m[main_metric], t[main_metric])
+    same_runtime = []
+    for name, role, path in named:
+        if role != "student":
+            continue
+        m = models[name]
+        vs = _speed_baseline(path, named)
+        b = models[vs]
+        m["speedup_vs"] = vs
+        m["speedup_b1"] = _ratio(b["latency_greedy_b1_p50_ms"], m["latency_greedy_b1_p50_ms"])
+        m["speedup_b32"] = _ratio(m["throughput_samples_per_s"], b["throughput_samples_per_s"])
+        m["quality_retention"] = _ratio(m[main_metric], t[main_metric])
+        if vs != named[0][0]:
+            same_runtime.append({"runtime": runtime.folder_name(*_runtime_key(b["path"])), "student": name,
+                                 "teacher": vs, "speedup_b1": m["speedup_b1"], "speedup_b32": m["speedup_b32"],
+                                 "quality_retention": m["quality_retention"]})
     headline = named[1][0]
     first = models[headline]
     report = {
@@ -279,12 +349,15 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
         "speedup_b1": first["speedup_b1"],
         "speedup_b32": first["speedup_b32"],
         "quality_retention": first["quality_retention"],
+        "same_runtime": same_runtime,
         "models": models,
         "settings": {
             "device": str(device),
             "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                             else "cpu"),
             "threads": torch.get_num_threads(),
+            "runtime_threads": (runtime_threads or torch.get_num_threads()) if any(
+                isinstance(e["model"], runtime.RuntimeModel) for e in entries) else None,
             "n_samples": len(sources),
             "speed_repeats": 0 if skip_speed else speed_repeats,
             "quality_decoding": "greedy",
@@ -337,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset-local-path", help="save_to_disk folder or json/jsonl/csv/tsv/parquet")
     p.add_argument("--dataset-input-column", required=True)
     p.add_argument("--dataset-target-column", required=True)
+    p.add_argument("--teacher-runtime", action="append", default=[], metavar="DIR",
+                   help="the teacher exported for a runtime (python -m distill.export_runtime TEACHER "
+                        "--to ct2): a row of its own, and runtime students' speedups are measured "
+                        "against it (both served alike); repeat for several runtimes")
+    p.add_argument("--runtime-threads", type=int, default=None, metavar="N",
+                   help="threads of each runtime row (CTranslate2's intra_threads, ONNX Runtime's "
+                        "intra-op threads; default: torch's thread count)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--split", default=None,
                    help="split to evaluate (default: test if present, else validation)")
@@ -385,7 +465,8 @@ def main(argv=None) -> int:
             max_source_length=args.max_source_length, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, num_beams=args.num_beams,
             speed_repeats=args.speed_repeats, skip_speed=args.skip_speed,
-            trust_remote_code=args.trust_remote_code)
+            trust_remote_code=args.trust_remote_code, teacher_runtimes=args.teacher_runtime,
+            runtime_threads=args.runtime_threads)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -130,10 +130,13 @@ def _install(staging: str, final: str) -> None:
 def export_runtimes(student_dir: str, targets: list[str], quantization: str | None, sources: list[str],
                     references: list[str], *, source_prefix: str = "", max_source_length: int = 512,
                     max_new_tokens: int = 128, batch_size: int = 32, main_metric: str = "auto",
-                    trust_remote_code: bool = False, errors: list | None = None, log=print) -> list[str]:
+                    trust_remote_code: bool = False, errors: list | None = None, root: str | None = None,
+                    log=print) -> list[str]:
     """Export, check and install each target in turn; returns the runtime folders written.
     A target that fails raises UserError (those before it stay installed), or, when an `errors`
-    list is given, adds its line there and the next target goes on."""
+    list is given, adds its line there and the next target goes on. `root`: where the folders go
+    (default STUDENT_DIR/runtime; the demo puts its teacher's beside its run, not in the teacher's
+    folder); the manifest points back to the model by a relative path either way."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -153,7 +156,7 @@ def export_runtimes(student_dir: str, targets: list[str], quantization: str | No
                   max_new_tokens=max_new_tokens, batch_size=batch_size, eos_ids=rules["eos_token_ids"])
     with torch.inference_mode():
         student_ids = greedy_ids(model, tokenizer, sources, **common)
-    root = os.path.join(student_dir, runtime.RUNTIME_DIR)
+    root = root or os.path.join(student_dir, runtime.RUNTIME_DIR)
     created_root = not os.path.exists(root)
     written = []
     for target in targets:
@@ -170,7 +173,7 @@ def export_runtimes(student_dir: str, targets: list[str], quantization: str | No
             else:
                 files = export_onnx(model, staging, quantization)
             tokenizer.save_pretrained(staging)
-            manifest = _manifest(target, quantization, model_type, model, rules, student_dir, files,
+            manifest = _manifest(target, quantization, model_type, model, rules, student_dir, final, files,
                                  source_prefix, max_source_length)
             write_json(os.path.join(staging, runtime.MANIFEST), manifest)
             loaded, _ = runtime.load(staging, check_student=False)
@@ -198,7 +201,7 @@ def export_runtimes(student_dir: str, targets: list[str], quantization: str | No
     return written
 
 
-def _manifest(target, quantization, model_type, model, rules, student_dir, files, prefix,
+def _manifest(target, quantization, model_type, model, rules, student_dir, final, files, prefix,
               max_source_length) -> dict:
     import importlib.metadata as md
 
@@ -206,7 +209,7 @@ def _manifest(target, quantization, model_type, model, rules, student_dir, files
                                                                         "onnx": ("onnx", "onnxruntime")}[target])}
     return {"format": 1, "runtime": target, "quantization": quantization, "model_type": model_type,
             "files": [f for f in files if f.endswith((".bin", ".onnx"))],
-            "student": {"path": "../..",  # STUDENT_DIR/runtime/NAME
+            "student": {"path": os.path.relpath(student_dir, final),  # "../.." for STUDENT_DIR/runtime/NAME
                         "weights_sha256": runtime.weights_fingerprint(student_dir),
                         "parameters": sum(p.numel() for p in model.parameters())},
             "generation": rules, "source_prefix": prefix, "max_source_length": max_source_length,

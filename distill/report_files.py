@@ -19,7 +19,7 @@ EXAMPLES_RULE = (f"up to {N_EXAMPLES} rows where the models' outputs differ, row
 
 
 def _fmt(value, spec=".1f"):
-    return "-" if value is None else format(value, spec)
+    return "-" if value is None else _cell(value) if spec is None else format(value, spec)
 
 
 def _cell(text: str) -> str:
@@ -111,6 +111,8 @@ def format_table(report: dict) -> str:
         ("peak MB", lambda m: m["peak_memory_mb"], ".1f"),
         ("speedup b1", lambda m: m.get("speedup_b1"), ".2f"),
         (f"speedup b{s['batch_size']}", lambda m: m.get("speedup_b32"), ".2f"),
+        # only where some student's speedups are against a teacher runtime (two baselines)
+        ("speedup vs", lambda m: m.get("speedup_vs") if report.get("same_runtime") else None, None),
         ("quality kept", lambda m: m.get("quality_retention"), ".1%"),
     ]
     columns = [("model", [_cell(name) for name in models])]
@@ -128,9 +130,11 @@ def _speed_lines(s) -> list[str]:
             else "greedy only (beam latency not measured: --num-beams 1)")
     rounds = f"{s['speed_repeats']} round{'s' if s['speed_repeats'] > 1 else ''}"
     return [f"- Speed: {rounds} after warm-up, interleaved across models in a "
-            f"rotating order. Batch-1 latency p50/p90 over different inputs, {beam}; "
+            f"rotating order, each model's turn opened by one untimed call. Batch-1 latency p50/p90 over different inputs, {beam}; "
             f"throughput = {s['batch_size']} samples / median batch time. Generation stops at "
-            f"EOS (see mean_new_tokens_b1 in report.json).",
+            f"EOS (see mean_new_tokens_b1 in report.json)."
+            + (f" Runtime rows compute with {s['runtime_threads']} thread"
+               f"{'s' if s['runtime_threads'] > 1 else ''}." if s.get("runtime_threads") else ""),
             f"- Peak memory: {s['memory_method']}."]
 
 
@@ -171,7 +175,10 @@ def write_report(report, output_dir, log):
         f"Main metric: **{report['main_metric']}**. {headline} vs {teacher}: "
         f"speedup {_fmt(report['speedup_b1'], '.2f')}x at batch 1 (greedy p50), "
         f"{_fmt(report['speedup_b32'], '.2f')}x at batch {s['batch_size']} (samples/s); "
-        f"quality kept {_fmt(report['quality_retention'], '.1%')}.", "",
+        f"quality kept {_fmt(report['quality_retention'], '.1%')}."
+        + "".join(f" Served alike, {p['student']} vs {p['teacher']}: {_fmt(p['speedup_b1'], '.2f')}x at "
+                  f"batch 1, {_fmt(p['speedup_b32'], '.2f')}x at batch {s['batch_size']}."
+                  for p in report.get("same_runtime", [])), "",
         format_table(report), "", "## Quality (0-100)", "", quality, "",
         "## How it was measured", "",
         f"- {s['n_samples']} samples, device {s['device']} ({s['device_name']}), "
@@ -222,8 +229,9 @@ def _plot(spec, path):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = []
     for i, p in enumerate(spec["points"]):
-        teacher = p["role"] == "teacher"
-        color = "black" if teacher else colors[i % len(colors)]
+        teacher = p["role"] in ("teacher", "teacher-runtime")
+        color = ("black" if p["role"] == "teacher" else "dimgray" if teacher
+                 else colors[i % len(colors)])
         ax.scatter(p["x"], p["y"], s=80 if teacher else 60, marker="s" if teacher else "o",
                    color=color, zorder=3)
         # Each point is named in the legend ("name, size"): text next to points overlaps when

@@ -176,8 +176,9 @@ def _check_student_unchanged(path: str, manifest: dict) -> None:
                         f"distill.export_runtime {student} --to {manifest['runtime']}")
 
 
-def load(path: str, role: str = "student", device=None, check_student: bool = True):
-    """(RuntimeModel, tokenizer) from a runtime folder; torch's thread count is the runtime's."""
+def load(path: str, role: str = "student", device=None, check_student: bool = True, threads: int | None = None):
+    """(RuntimeModel, tokenizer) from a runtime folder; the runtime computes with `threads`
+    threads (default: torch's thread count)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -188,7 +189,7 @@ def load(path: str, role: str = "student", device=None, check_student: bool = Tr
         _check_student_unchanged(path, manifest)
     tokenizer = AutoTokenizer.from_pretrained(path)
     cls = Ct2Model if manifest["runtime"] == "ct2" else OnnxModel
-    return cls(path, manifest, tokenizer, device, torch.get_num_threads()), tokenizer
+    return cls(path, manifest, tokenizer, device, threads or torch.get_num_threads()), tokenizer
 
 
 # ---------------------------------------------------------------- the interface

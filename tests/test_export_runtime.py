@@ -254,3 +254,90 @@ def test_training_exports_runtimes_before_the_report(tmp_path, monkeypatch, caps
     assert runtime.read_manifest(os.path.join(out, "runtime", "ct2"))["parity"]["samples"] == 16  # the validation rows
     report = json.load(open(os.path.join(out, "report", "report.json")))
     assert list(report["models"]) == ["teacher", "run", "ct2"]
+
+
+def _teacher_copy(students, tmp_path):
+    """A teacher folder (a copy of the BART student, its own weights file) with its CTranslate2
+    export beside it, as the demo writes it: not inside the teacher's folder."""
+    from distill.export_runtime import export_runtimes
+
+    teacher = str(tmp_path / "teacher")
+    shutil.copytree(students["bart"], teacher, ignore=shutil.ignore_patterns("runtime"))
+    rows = ROWS[24:32]
+    written = export_runtimes(teacher, ["ct2"], None, [r["source"] for r in rows], [r["target"] for r in rows],
+                              max_source_length=32, max_new_tokens=6, batch_size=4,
+                              root=str(tmp_path / "teacher-runtime"), log=lambda *a: None)
+    assert written == [str(tmp_path / "teacher-runtime" / "ct2")]
+    assert not os.path.exists(os.path.join(teacher, "runtime"))  # the teacher's folder is not written
+    return teacher, written[0]
+
+
+def test_runtime_students_are_timed_against_the_teacher_in_the_same_runtime(students, tmp_path, monkeypatch):
+    from distill.evaluate import run_report
+    from distill.report_files import format_table
+
+    student = students["bart"]
+    assert main([student, "--to", "ct2"] + FAST) == 0
+    assert main([student, "--to", "ct2", "--quantization", "int8"] + FAST) == 0
+    teacher, teacher_ct2 = _teacher_copy(students, tmp_path)
+    threads = []
+    real_load = runtime.load
+    monkeypatch.setattr(runtime, "load", lambda *a, **k: threads.append(k.get("threads")) or real_load(*a, **k))
+    root = os.path.join(student, "runtime")
+    sources, refs = [r["source"] for r in ROWS[24:30]], [r["target"] for r in ROWS[24:30]]
+    report = run_report(teacher, [student, os.path.join(root, "ct2"), os.path.join(root, "ct2-int8")], sources,
+                        refs, str(tmp_path / "report"), max_new_tokens=6, batch_size=4, num_beams=1,
+                        speed_repeats=2, teacher_runtimes=[teacher_ct2], runtime_threads=1, log=lambda *a: None)
+    rows = report["models"]
+    assert list(rows) == ["teacher", "bart", "ct2", "ct2-int8", "teacher [ct2]"]
+    assert rows["teacher [ct2]"]["role"] == "teacher-runtime" and "speedup_b1" not in rows["teacher [ct2]"]
+    assert rows["bart"]["speedup_vs"] == "teacher"
+    # float32 and int8 students against the float32 teacher export (no int8 teacher given)
+    for name in ("ct2", "ct2-int8"):
+        m, base = rows[name], rows["teacher [ct2]"]
+        assert m["speedup_vs"] == "teacher [ct2]"
+        assert m["speedup_b1"] == pytest.approx(base["latency_greedy_b1_p50_ms"] / m["latency_greedy_b1_p50_ms"])
+        assert m["speedup_b32"] == pytest.approx(m["throughput_samples_per_s"] / base["throughput_samples_per_s"])
+        mine, theirs = m[report["main_metric"]], rows["teacher"][report["main_metric"]]  # the PyTorch teacher's
+        assert m["quality_retention"] == (pytest.approx(mine / theirs) if theirs else None)
+    assert [(p["runtime"], p["student"], p["teacher"]) for p in report["same_runtime"]] == [
+        ("ct2", "ct2", "teacher [ct2]"), ("ct2", "ct2-int8", "teacher [ct2]")]  # the teacher's runtime
+    assert threads == [1, 1, 1] and report["settings"]["runtime_threads"] == 1
+    assert "| speedup vs" in format_table(report)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Served alike, ct2 vs teacher [ct2]:" in md and "Runtime rows compute with 1 thread." in md
+
+    # without a teacher runtime: every student against the PyTorch teacher, as before
+    plain = run_report(teacher, [student, os.path.join(root, "ct2")], sources, refs, str(tmp_path / "plain"),
+                       max_new_tokens=6, batch_size=4, num_beams=1, speed_repeats=1, log=lambda *a: None)
+    assert {m["speedup_vs"] for m in plain["models"].values() if m["role"] == "student"} == {"teacher"}
+    assert plain["same_runtime"] == [] and "speedup vs" not in format_table(plain)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("not-runtime", "is not a runtime folder (no runtime.json); export the teacher with"),
+    ("other-weights", "was exported from other weights than the teacher"),
+    ("twice", "are both ct2; give one teacher folder per runtime and quantization"),
+    ("threads", "runtime_threads is 0; expected an integer >= 1"),
+])
+def test_bad_teacher_runtime_is_one_line_exit_2_and_writes_nothing(case, needle, students, tmp_path, capsys):
+    from distill.evaluate import main as evaluate_main
+
+    teacher, teacher_ct2 = _teacher_copy(students, tmp_path)
+    given = {"not-runtime": [teacher], "other-weights": [teacher_ct2], "twice": [teacher_ct2, teacher_ct2],
+             "threads": [teacher_ct2]}[case]
+    if case == "other-weights":
+        with open(os.path.join(teacher, "model.safetensors"), "ab") as fh:
+            fh.write(b" ")  # the teacher was trained again after its export
+    out = tmp_path / "report"
+    argv = ["--teacher", teacher, "--student", students["bart"], "--dataset-local-path", students["bart"] + "-data",
+            "--dataset-input-column", "source", "--dataset-target-column", "target", "--output-dir", str(out),
+            "--max-new-tokens", "6", "--skip-speed", "--split", "validation"]
+    argv += [a for path in given for a in ("--teacher-runtime", path)]
+    if case == "threads":
+        argv += ["--runtime-threads", "0"]
+    capsys.readouterr()  # the export's own output
+    assert evaluate_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err, err
+    assert not out.exists()
