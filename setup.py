@@ -32,6 +32,7 @@ setup(
         "rouge-score>=0.1.2",
         "sacrebleu>=2.4",
         "matplotlib>=3.8",
+        "ctranslate2>=4.8.5,<5",  # the demo's served-alike speed (teacher and student in CTranslate2)
     ],
     # --report-to's trackers (distill/tracking.py imports each only when asked for); mlflow-skinny
     # has the client and the file store; the full mlflow adds the UI server.

@@ -164,6 +164,17 @@ def test_check_targets_reports_each_promise():
     # each promise on its own edge: retention 97.9%, speedup 2.9x at b32, a gain of 2.9 points
     edges = [ok for _, ok in demo.check_targets(report(95.0, 93.0, 90.1, 3.5, 2.9), "distilled", "CE-only")]
     assert edges == [True, False, False, False]
+    # served alike (both in CTranslate2): the speed promise is judged on that pair when measured
+    served = dict(report(95.0, 93.5, 90.0, 2.5, 2.9), settings={"runtime_threads": 1}, same_runtime=[
+        {"runtime": "ct2", "student": "distilled [ct2]", "teacher": "teacher [ct2]", "speedup_b1": 3.4,
+         "speedup_b32": 3.1}])
+    lines = demo.check_targets(served, "distilled", "CE-only", "distilled [ct2]")
+    assert lines[1] == ("student greedy speedup served alike (ct2, 1 thread each): b1 3.40x, b32 3.10x >= 3x", True)
+    served["same_runtime"][0]["speedup_b32"] = 2.9
+    assert not demo.check_targets(served, "distilled", "CE-only", "distilled [ct2]")[1][1]
+    # not measured (ctranslate2 missing): PyTorch's figures, named as such
+    assert demo.check_targets(served, "distilled", "CE-only", "other")[1] == (
+        "student greedy speedup in transformers' generate: b1 2.50x, b32 2.90x >= 3x", False)
 
 
 @pytest.mark.slow
@@ -181,11 +192,17 @@ def test_smoke_end_to_end(tmp_path):
         report = json.load(f)
     for key in ("speedup_b1", "speedup_b32", "quality_retention", "models"):
         assert key in report
-    assert set(report["models"]) == {"teacher", "distilled", "CE-only (teacher init)"}
+    # the distilled student and the teacher are also served alike (CTranslate2, parity-checked)
+    assert set(report["models"]) == {"teacher", "distilled", "CE-only (teacher init)", "distilled [ct2]",
+                                     "teacher [ct2]"}
+    assert [p["student"] for p in report["same_runtime"]] == ["distilled [ct2]"]
+    assert report["settings"]["runtime_threads"] == demo.SERVE_THREADS
     assert os.listdir(tmp_path / "cache")  # the teacher was cached for the next run
-    # Only the task, the teacher's outputs, the two students and the report are left.
+    assert not [p for p in os.listdir(tmp_path / "cache") if os.path.isdir(tmp_path / "cache" / p / "runtime")]
+    # Only the task, the teacher's outputs and its export, the two students and the report are left.
     assert sorted(p for p in os.listdir(out) if os.path.isdir(out / p)) == [
-        "student-ce-only", "student-distilled", "task", "teacher-outputs"]
+        "student-ce-only", "student-distilled", "task", "teacher-outputs", "teacher-runtime"]
+    assert os.listdir(out / "student-distilled" / "runtime") == ["ct2"]
     # Each stage says what it did: both students start from the teacher's layers; the distilled
     # one trains on the teacher's outputs for every input, the CE-only one on the labeled rows.
     log = res.stdout
