@@ -42,7 +42,8 @@ TARGETS = dict(teacher_exact_match=90.0, speedup=3.0, quality_retention=0.98, ga
 CACHE_ENV = "SEQ2SEQ_DISTILL_CACHE"
 # Served alike: the teacher and the distilled student both exported to CTranslate2 (what a
 # deployment of either would run), each computing with one thread. At this size one thread is
-# faster than two per model on a 2-core machine and its times are steady (README, "The demo").
+# faster than two per model on a 2-core machine and its times are steady (README, "Deploying:
+# runtime export", Threads).
 SERVE_RUNTIME, SERVE_THREADS = "ct2", 1
 
 
@@ -353,11 +354,12 @@ def export_served(teacher: str, distilled: str, task_dir: str, out: str, log=pri
     is not installed or a check fails (the report then has the PyTorch rows only). The teacher's
     goes into OUT/teacher-runtime, not into its folder (which may be the user's)."""
     from distill import runtime
+    from distill.errors import UserError
     from distill.export_runtime import PARITY_SAMPLES, export_runtimes
 
     try:
         runtime.check_packages(SERVE_RUNTIME)
-    except Exception as exc:  # UserError: the package's name and how to install it
+    except UserError as exc:  # the package's name and how to install it
         log(f"served speed not measured: {exc}")
         return None
     with open(os.path.join(task_dir, "validation.jsonl"), encoding="utf-8") as f:

@@ -233,8 +233,9 @@ def measure_speed(models: dict, sources: list[str], *, source_prefix="", max_sou
 
     Each model is warmed up (one call per measured shape: allocator growth, kernel choice and
     lazy init land there), then `repeats` rounds run every model in turn, the order rotated
-    each round so drift hits all alike; each turn starts with one untimed batch-1 call. Batch-1 latency uses a different input each round
-    (greedy, and beam `num_beams` when > 1; the beam keys are None otherwise): p50/p90.
+    each round so drift hits all alike; each turn starts with one untimed batch-1 call.
+    Batch-1 latency uses a different input each round (greedy, and beam `num_beams` when > 1;
+    the beam keys are None otherwise): p50/p90.
     Throughput: `batch_size` inputs (cycled when fewer) per call, samples/s from the median
     time. Generation stops at EOS, so a model that writes more pays for it; mean_new_tokens_b1
     shows how much each wrote. peak_memory_mb: weights + the peak tensor memory of one more,

@@ -130,7 +130,8 @@ def _speed_lines(s) -> list[str]:
             else "greedy only (beam latency not measured: --num-beams 1)")
     rounds = f"{s['speed_repeats']} round{'s' if s['speed_repeats'] > 1 else ''}"
     return [f"- Speed: {rounds} after warm-up, interleaved across models in a "
-            f"rotating order, each model's turn opened by one untimed call. Batch-1 latency p50/p90 over different inputs, {beam}; "
+            f"rotating order, each model's turn opened by one untimed call. Batch-1 latency "
+            f"p50/p90 over different inputs, {beam}; "
             f"throughput = {s['batch_size']} samples / median batch time. Generation stops at "
             f"EOS (see mean_new_tokens_b1 in report.json)."
             + (f" Runtime rows compute with {s['runtime_threads']} thread"

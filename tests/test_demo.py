@@ -309,3 +309,11 @@ def test_labeled_rows_values():
     assert demo.parse_labeled_rows(None, demo.FULL) == demo.FULL["labeled_rows"]
     assert demo.parse_labeled_rows("all", demo.FULL) == demo.ALL_LABELED
     assert demo.parse_labeled_rows("500", demo.FULL) == 500
+
+
+def test_served_alike_is_skipped_with_a_line_without_ctranslate2(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # not installed
+    lines = []
+    assert demo.export_served("teacher", "student", str(tmp_path), str(tmp_path), log=lines.append) is None
+    assert len(lines) == 1 and lines[0].startswith("served speed not measured: the ct2 runtime needs")
+    assert "pip install ctranslate2" in lines[0] and not os.listdir(tmp_path)  # nothing written
