@@ -177,10 +177,11 @@ def _runtime_key(path: str) -> tuple[str, str | None]:
     return manifest["runtime"], manifest.get("quantization")
 
 
-def _teacher_runtime_rows(teacher: str, named, folders) -> list[tuple[str, str, str]]:
-    """(name, "teacher-runtime", path) per --teacher-runtime folder; UserError for a folder that
-    is not a runtime export of this teacher, or two of the same runtime and quantization."""
-    rows, keys = [], {}
+def _teacher_runtime_rows(teacher: str, named, folders) -> dict[tuple[str, str | None], tuple[str, str]]:
+    """(runtime, quantization) -> (name, path) per --teacher-runtime folder, in the given order;
+    UserError for a folder that is not a runtime export of this teacher, or two of the same
+    runtime and quantization."""
+    rows, keys = {}, {}
     taken = {name for name, _, _ in named}
     for path in folders:
         folder = os.path.expanduser(path)
@@ -203,18 +204,21 @@ def _teacher_runtime_rows(teacher: str, named, folders) -> list[tuple[str, str, 
                             f"{teacher!r}; export this teacher: {how.replace('TEACHER_DIR', teacher)}")
         keys[key] = path
         taken.add(name)
-        rows.append((name, "teacher-runtime", path))
+        rows[key] = (name, path)
     return rows
 
 
-def _speed_baseline(path: str, named) -> str:
-    """The row a student's speedups are measured against: for a runtime folder the teacher in
-    the same runtime (same quantization, else float32) when one is given, else the teacher."""
-    teachers = {_runtime_key(p): name for name, role, p in named if role == "teacher-runtime"}
-    if teachers and runtime.is_runtime_folder(os.path.expanduser(path)):
-        kind, quantization = _runtime_key(path)
-        return teachers.get((kind, quantization)) or teachers.get((kind, None)) or named[0][0]
-    return named[0][0]
+def _speed_baseline(path: str, teachers) -> tuple[str, str] | None:
+    """The teacher runtime (name, its runtime folder name) a runtime student's speedups are
+    measured against: the one of the same runtime and quantization, else the float32 one; None
+    (the PyTorch teacher) for a PyTorch student or when no such teacher runtime was given."""
+    if not teachers or not runtime.is_runtime_folder(os.path.expanduser(path)):
+        return None
+    kind, quantization = _runtime_key(path)
+    for key in ((kind, quantization), (kind, None)):
+        if key in teachers:
+            return teachers[key][0], runtime.folder_name(*key)
+    return None
 
 
 def run_report(teacher: str, students: list[str | tuple[str, str]], sources: list[str],
@@ -252,7 +256,8 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
     if not students:
         raise UserError("no student given; pass at least one --student folder")
     named = name_models(teacher, teacher_name, students)
-    named += _teacher_runtime_rows(teacher, named, teacher_runtimes)
+    teachers_in_runtimes = _teacher_runtime_rows(teacher, named, teacher_runtimes)
+    named += [(name, "teacher-runtime", path) for name, path in teachers_in_runtimes.values()]
     for name, role, path in named[1:]:
         if not os.path.isdir(os.path.expanduser(path)):
             raise UserError(f"student folder {path!r} ({name!r}) not found; pass the folder the "
@@ -331,15 +336,16 @@ def run_report(teacher: str, students: list[str | tuple[str, str]], sources: lis
         if role != "student":
             continue
         m = models[name]
-        vs = _speed_baseline(path, named)
+        served = _speed_baseline(path, teachers_in_runtimes)
+        vs = served[0] if served else named[0][0]
         b = models[vs]
         m["speedup_vs"] = vs
         m["speedup_b1"] = _ratio(b["latency_greedy_b1_p50_ms"], m["latency_greedy_b1_p50_ms"])
         m["speedup_b32"] = _ratio(m["throughput_samples_per_s"], b["throughput_samples_per_s"])
         m["quality_retention"] = _ratio(m[main_metric], t[main_metric])
-        if vs != named[0][0]:
-            same_runtime.append({"runtime": runtime.folder_name(*_runtime_key(b["path"])), "student": name,
-                                 "teacher": vs, "speedup_b1": m["speedup_b1"], "speedup_b32": m["speedup_b32"],
+        if served:
+            same_runtime.append({"runtime": served[1], "student": name, "teacher": vs,
+                                 "speedup_b1": m["speedup_b1"], "speedup_b32": m["speedup_b32"],
                                  "quality_retention": m["quality_retention"]})
     headline = named[1][0]
     first = models[headline]

@@ -28,7 +28,6 @@ def load_inference_teacher(cfg, source, teacher_config, prec, device, stage, *, 
     the DeepSpeed inference engine around `wrap(teacher)` (the teacher itself when wrap is None),
     whose hooks gather each layer as it runs; else the whole teacher on `device` and the runner
     is `wrap(teacher)` (or the teacher)."""
-
     from distill import distributed, models, zero
     from distill.engine import DTYPES
 
